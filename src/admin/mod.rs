@@ -1,0 +1,185 @@
+//! The admin listener. Endpoints:
+//!
+//! | method & path | what |
+//! | --- | --- |
+//! | `GET /healthz` | liveness, no key |
+//! | `GET /readyz` | 200 once loaded and listening (503 before), store state in the body, no key |
+//! | `GET /metrics` | Prometheus text, no key |
+//! | `POST /v1/tenants`, `GET /v1/tenants` | create, list tenants |
+//! | `GET/PATCH/DELETE /v1/tenants/{id}` | one tenant |
+//! | `POST/GET /v1/tenants/{id}/tokens` | create, list a tenant's tokens |
+//! | `GET/PATCH/DELETE /v1/tokens/{token_id}` | one token (DELETE revokes) |
+//! | `POST /v1/tokens/{token_id}/rotate` | new secret, old one kept for `grace` |
+//! | `GET /v1/audit?limit=N` | audit log, newest first |
+//! | `POST /v1/reload` | reload `gateway.toml` (as SIGHUP) |
+//!
+//! Every `/v1` call needs `Authorization: Bearer <admin key>`; keys are
+//! compared as blake3 hashes in constant time. Errors use the data plane's
+//! JSON shape; [`ApiError`] is the one place they become HTTP answers.
+
+mod audit;
+mod auth;
+mod ops;
+mod tenants;
+mod tokens;
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::server::Gateway;
+use crate::store::{AuditEvent, StoreError};
+
+pub(crate) type AppState = Arc<Gateway>;
+
+/// An admin API error: status, code and message.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let msg = e.to_string();
+        let (status, code) = match &e {
+            StoreError::TenantNotFound(_) => (StatusCode::NOT_FOUND, "tenant_not_found"),
+            StoreError::TenantExists(_) => (StatusCode::CONFLICT, "tenant_exists"),
+            StoreError::TokenNotFound(_) => (StatusCode::NOT_FOUND, "token_not_found"),
+            StoreError::TokenRevoked(_) => (StatusCode::CONFLICT, "token_revoked"),
+            StoreError::QuotaExceeded { .. } => (StatusCode::CONFLICT, "token_quota_exceeded"),
+            StoreError::ProductNotPurchased { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "product_not_purchased")
+            }
+            StoreError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            StoreError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            StoreError::Corrupt(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %e, "store error");
+        }
+        ApiError::new(status, code, msg)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = crate::error::error_body(self.code, &self.message);
+        (
+            self.status,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response()
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Parses a JSON body: unparseable JSON is 400 `bad_request`; well-formed
+/// JSON of the wrong shape is 422 with the resource's `code`.
+pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8], code: &'static str) -> ApiResult<T> {
+    let text = if body.iter().all(u8::is_ascii_whitespace) {
+        &b"{}"[..]
+    } else {
+        body
+    };
+    serde_json::from_slice(text).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("request body is not valid JSON: {e}"),
+            )
+        } else {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, e.to_string())
+        }
+    })
+}
+
+/// Appends to the audit log. The change is already committed: a failure is
+/// logged, not returned.
+pub(crate) async fn audit(
+    gw: &Gateway,
+    actor: &auth::Actor,
+    action: &str,
+    target: &str,
+    detail: serde_json::Value,
+) {
+    let event = AuditEvent {
+        at: crate::model::format_time(crate::model::now()),
+        actor: actor.0.clone(),
+        action: action.into(),
+        target: target.into(),
+        detail,
+    };
+    if let Err(e) = gw.store.append_audit(event).await {
+        tracing::error!(error = %e, action, target, "audit event could not be written");
+    }
+}
+
+/// The admin router.
+pub fn router(gw: Arc<Gateway>) -> Router {
+    let v1 = Router::new()
+        .route("/tenants", post(tenants::create).get(tenants::list))
+        .route(
+            "/tenants/{id}",
+            get(tenants::show)
+                .patch(tenants::update)
+                .delete(tenants::delete),
+        )
+        .route(
+            "/tenants/{id}/tokens",
+            post(tokens::create).get(tokens::list),
+        )
+        .route(
+            "/tokens/{id}",
+            get(tokens::show)
+                .patch(tokens::update)
+                .delete(tokens::revoke),
+        )
+        .route("/tokens/{id}/rotate", post(tokens::rotate))
+        .route("/audit", get(audit::list))
+        .route("/reload", post(ops::reload))
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&gw),
+            auth::require_admin_key,
+        ));
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .nest("/v1", v1)
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
+        .with_state(gw)
+}
+
+/// Serves the admin API until `shutdown` is cancelled.
+pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, shutdown: CancellationToken) {
+    let app = router(gw);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        tracing::error!(error = %e, "admin listener failed");
+    }
+}

@@ -1,0 +1,424 @@
+//! One request through the data plane, phase by phase:
+//!
+//! 1. `request_filter`: normalize the path, pick the route, read the bearer
+//!    token, resolve the client IP, look the token up and decide. Every
+//!    failure is a [`ProxyError`] with the contract's status and code.
+//! 2. `upstream_request_filter`: rewrite headers and URI for the upstream.
+//! 3. the upstream call, bounded by `limits.upstream_timeout`.
+//! 4. `response_filter`: strip hop-by-hop headers, add `x-request-id`.
+//! 5. `logging`: metrics and one access-log event.
+
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use super::client_ip;
+use super::forward::{self, Identity};
+use super::route::{normalize_path, Route};
+use crate::auth::{decide, Deny, TokenHash};
+use crate::metrics::RequestLabels;
+use crate::server::{Gateway, Runtime};
+use crate::table::{Grant, TokenTable};
+
+/// Response body: the upstream's, streamed, or one of ours.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Why the data plane answered instead of the upstream. The status code and
+/// error code fall out of the variant; this is the one place they are set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyError {
+    /// The client sent something unusable (path, framing).
+    BadRequest(&'static str),
+    NoRoute,
+    MissingToken,
+    InvalidToken,
+    IpNotAllowed(IpAddr),
+    ProductNotEnabled(Box<str>),
+    /// Upstream refused, failed to connect, or broke the exchange.
+    UpstreamUnavailable,
+    UpstreamTimeout,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::MissingToken | ProxyError::InvalidToken => StatusCode::UNAUTHORIZED,
+            ProxyError::IpNotAllowed(_) | ProxyError::ProductNotEnabled(_) => StatusCode::FORBIDDEN,
+            ProxyError::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The contract's `error.code`, also the metrics `outcome`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::NoRoute => "no_route",
+            ProxyError::MissingToken => "missing_token",
+            ProxyError::InvalidToken => "invalid_token",
+            ProxyError::IpNotAllowed(_) => "ip_not_allowed",
+            ProxyError::ProductNotEnabled(_) => "product_not_enabled",
+            ProxyError::UpstreamUnavailable => "upstream_unavailable",
+            ProxyError::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    pub fn message(&self) -> Cow<'static, str> {
+        match self {
+            ProxyError::BadRequest(m) => Cow::Borrowed(m),
+            ProxyError::NoRoute => "no route matches this path".into(),
+            ProxyError::MissingToken => {
+                "send the API token as 'Authorization: Bearer <token>'".into()
+            }
+            ProxyError::InvalidToken => {
+                "the API token is malformed, unknown, revoked, disabled or expired".into()
+            }
+            ProxyError::IpNotAllowed(ip) => format!(
+                "client IP {ip} is not in this token's ip_allowlist; add it to the allowlist to use the token from here"
+            )
+            .into(),
+            ProxyError::ProductNotEnabled(p) => format!(
+                "the product '{p}' is not enabled for this token or its tenant"
+            )
+            .into(),
+            ProxyError::UpstreamUnavailable => "the backend could not be reached".into(),
+            ProxyError::UpstreamTimeout => "the backend did not answer in time".into(),
+        }
+    }
+
+    /// The JSON error response.
+    pub fn response(&self, request_id: Option<&HeaderValue>) -> Response<ProxyBody> {
+        let body = crate::error::error_body(self.code(), &self.message());
+        let mut resp = Response::new(Either::Right(Full::new(body)));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match self {
+            ProxyError::MissingToken => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"tollgate\""),
+                );
+            }
+            ProxyError::InvalidToken => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"tollgate\", error=\"invalid_token\""),
+                );
+            }
+            ProxyError::BadRequest(_) => {
+                // The framing may be in doubt: do not reuse the connection.
+                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
+        }
+        if let Some(id) = request_id {
+            h.insert(forward::X_REQUEST_ID.clone(), id.clone());
+        }
+        resp
+    }
+}
+
+/// What the data plane knows about the connection a request came on.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// A request that passed every check.
+struct Allowed<'r> {
+    route: &'r Route,
+    path: String,
+    grant: Arc<Grant>,
+    client_ip: IpAddr,
+    peer_trusted: bool,
+}
+
+/// What the access log and metrics record about a request.
+struct Outcome<'a> {
+    route: &'static str,
+    outcome: &'static str,
+    status: u16,
+    grant: Option<&'a Grant>,
+    client_ip: IpAddr,
+    upstream_ms: Option<f64>,
+}
+
+/// Handles one request on the public listener.
+pub async fn handle(gw: &Gateway, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let rt = gw.runtime.load_full();
+    let request_id = forward::request_id(req.headers());
+    let method = req.method().clone();
+    let raw_path: Box<str> = req.uri().path().into();
+
+    let decision = request_filter(&rt, &gw.table, &req, conn);
+    let (resp, mut out, grant) = match decision {
+        Err((err, route, client_ip)) => {
+            let out = Outcome {
+                route,
+                outcome: err.code(),
+                status: err.status().as_u16(),
+                grant: None,
+                client_ip,
+                upstream_ms: None,
+            };
+            (err.response(Some(&request_id)), out, None)
+        }
+        Ok(allowed) => {
+            let (route, client_ip) = (allowed.route.label, allowed.client_ip);
+            let grant = Arc::clone(&allowed.grant);
+            let (result, upstream_ms) =
+                forward_request(gw, &rt, req, allowed, conn, &request_id).await;
+            let (outcome, resp) = match result {
+                Ok(r) => ("forwarded", r),
+                Err(e) => (e.code(), e.response(Some(&request_id))),
+            };
+            let out = Outcome {
+                route,
+                outcome,
+                status: resp.status().as_u16(),
+                grant: None,
+                client_ip,
+                upstream_ms,
+            };
+            (resp, out, Some(grant))
+        }
+    };
+    out.grant = grant.as_deref();
+    logging(gw, &out, &method, &raw_path, &request_id, start);
+    resp
+}
+
+/// Phase 1: every check of the contract's table, in its order.
+fn request_filter<'r>(
+    rt: &'r Runtime,
+    table: &TokenTable,
+    req: &Request<Incoming>,
+    conn: ConnInfo,
+) -> Result<Allowed<'r>, (ProxyError, &'static str, IpAddr)> {
+    let cfg = &rt.config;
+    let peer_ip = client_ip::unmap(conn.peer.ip());
+    let fail = |e: ProxyError, route: &'static str, ip: IpAddr| Err((e, route, ip));
+
+    // Content-Length together with Transfer-Encoding is refused outright
+    // (RFC 9112 §6.1 allows it; it is the classic smuggling vector).
+    let headers = req.headers();
+    if headers.contains_key(header::TRANSFER_ENCODING)
+        && headers.contains_key(header::CONTENT_LENGTH)
+    {
+        return fail(
+            ProxyError::BadRequest("Content-Length and Transfer-Encoding must not both be sent"),
+            "none",
+            peer_ip,
+        );
+    }
+    let path = match normalize_path(req.uri().path()) {
+        Ok(p) => p,
+        Err(e) => return fail(ProxyError::BadRequest(e.message()), "none", peer_ip),
+    };
+    let Some(route) = cfg.routes.find(&path) else {
+        return fail(ProxyError::NoRoute, "none", peer_ip);
+    };
+    let label = route.label;
+
+    let Some(token) = bearer_token(headers) else {
+        return fail(ProxyError::MissingToken, label, peer_ip);
+    };
+    if !cfg.token_format.is_well_formed(token) {
+        return fail(ProxyError::InvalidToken, label, peer_ip);
+    }
+    let Some(grant) = table.get(&TokenHash::of(token)) else {
+        return fail(ProxyError::InvalidToken, label, peer_ip);
+    };
+
+    let client_ip = client_ip::resolve(conn.peer.ip(), headers, &cfg.trusted_proxies);
+    let peer_trusted = cfg.trusted_proxies.iter().any(|n| n.contains(&peer_ip));
+    let now = crate::model::now();
+    let products = grant.tenant.products.load();
+    match decide(&grant, &products, client_ip, &route.product, now) {
+        Ok(()) => {}
+        Err(Deny::InvalidToken) => return fail(ProxyError::InvalidToken, label, client_ip),
+        Err(Deny::IpNotAllowed) => {
+            return fail(ProxyError::IpNotAllowed(client_ip), label, client_ip)
+        }
+        Err(Deny::ProductNotEnabled) => {
+            return fail(
+                ProxyError::ProductNotEnabled(route.product.clone()),
+                label,
+                client_ip,
+            )
+        }
+    }
+    grant.touch(now);
+    Ok(Allowed {
+        route,
+        path: path.into_owned(),
+        grant,
+        client_ip,
+        peer_trusted,
+    })
+}
+
+/// The token from `Authorization: Bearer <token>` (scheme case-insensitive).
+fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = v.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = rest.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+/// Phases 2-4: rewrite, call the upstream, rewrite the response.
+async fn forward_request(
+    gw: &Gateway,
+    rt: &Runtime,
+    req: Request<Incoming>,
+    allowed: Allowed<'_>,
+    conn: ConnInfo,
+    request_id: &HeaderValue,
+) -> (Result<Response<ProxyBody>, ProxyError>, Option<f64>) {
+    let (mut parts, body) = req.into_parts();
+    let route = allowed.route;
+    let upstream = route.pick_upstream();
+
+    // Phase 2: upstream_request_filter.
+    let upstream_path = route.upstream_path(&allowed.path);
+    let mut pq = String::with_capacity(
+        upstream.base_path.len()
+            + upstream_path.len()
+            + parts.uri.query().map_or(0, |q| q.len() + 1),
+    );
+    pq.push_str(&upstream.base_path);
+    pq.push_str(upstream_path);
+    if let Some(q) = parts.uri.query() {
+        pq.push('?');
+        pq.push_str(q);
+    }
+    let uri = Uri::builder()
+        .scheme(upstream.scheme.clone())
+        .authority(upstream.authority.clone())
+        .path_and_query(pq)
+        .build();
+    let Ok(uri) = uri else {
+        return (
+            Err(ProxyError::BadRequest(
+                "the request target cannot be forwarded",
+            )),
+            None,
+        );
+    };
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    forward::upstream_request_headers(
+        &mut parts.headers,
+        &Identity {
+            tenant: &allowed.grant.tenant.id_header,
+            token_id: &allowed.grant.token_id_header,
+            client_ip: allowed.client_ip,
+            peer_trusted: allowed.peer_trusted,
+            tls: conn.tls,
+            request_id,
+        },
+    );
+    let upstream_req = Request::from_parts(parts, body);
+
+    // Phase 3: the upstream call.
+    let sent = Instant::now();
+    let result = tokio::time::timeout(
+        rt.config.limits.upstream_timeout,
+        rt.client.request(upstream_req),
+    )
+    .await;
+    let upstream_s = sent.elapsed().as_secs_f64();
+    gw.metrics.upstream_duration.observe(upstream_s);
+    let upstream_ms = Some(upstream_s * 1000.0);
+    let resp = match result {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => {
+            let kind = if e.is_connect() {
+                "connect"
+            } else {
+                "protocol"
+            };
+            count_upstream_error(gw, route, kind);
+            tracing::warn!(route = route.label, upstream = %upstream.authority, kind, error = %e, "upstream request failed");
+            return (Err(ProxyError::UpstreamUnavailable), upstream_ms);
+        }
+        Err(_) => {
+            count_upstream_error(gw, route, "timeout");
+            tracing::warn!(route = route.label, upstream = %upstream.authority, "upstream timed out");
+            return (Err(ProxyError::UpstreamTimeout), upstream_ms);
+        }
+    };
+
+    // Phase 4: response_filter.
+    let (mut parts, body) = resp.into_parts();
+    forward::downstream_response_headers(&mut parts.headers, request_id);
+    (
+        Ok(Response::from_parts(parts, Either::Left(body))),
+        upstream_ms,
+    )
+}
+
+fn count_upstream_error(gw: &Gateway, route: &Route, kind: &'static str) {
+    gw.metrics
+        .upstream_errors
+        .get_or_create(&crate::metrics::UpstreamErrorLabels {
+            route: route.label,
+            kind,
+        })
+        .inc();
+}
+
+/// Phase 5: metrics and the access log. Never logs the token or headers.
+fn logging(
+    gw: &Gateway,
+    out: &Outcome<'_>,
+    method: &http::Method,
+    path: &str,
+    request_id: &HeaderValue,
+    start: Instant,
+) {
+    let elapsed = start.elapsed().as_secs_f64();
+    gw.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route: out.route,
+            outcome: out.outcome,
+            status: out.status,
+        })
+        .inc();
+    gw.metrics.request_duration.observe(elapsed);
+    tracing::info!(
+        target: "access",
+        ts = %humantime::format_rfc3339_millis(std::time::SystemTime::now()),
+        request_id = request_id.to_str().unwrap_or(""),
+        client_ip = %out.client_ip,
+        method = %method,
+        path,
+        route = out.route,
+        status = out.status,
+        outcome = out.outcome,
+        tenant = out.grant.map_or("", |g| &*g.tenant.id),
+        token_id = out.grant.map_or("", |g| &*g.token_id),
+        duration_ms = elapsed * 1000.0,
+        upstream_ms = out.upstream_ms.unwrap_or(0.0),
+    );
+}

@@ -1,0 +1,248 @@
+//! Wiring for `tollgate run`: open the store, load the table, bind both
+//! listeners, follow store changes, reload on request, drain on shutdown.
+//!
+//! [`Gateway`] is the shared state every task holds (an `Arc`): the config
+//! snapshot (`ArcSwap<Runtime>`, swapped whole on reload), the token table,
+//! metrics and the store.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError, StoreConfig};
+use crate::metrics::{Metrics, ResultLabels};
+use crate::proxy::forward::{self, UpstreamClient};
+use crate::store::{embedded::EmbeddedStore, Store, SyncStatus};
+use crate::table::TokenTable;
+use crate::telemetry::LogHandle;
+
+/// What a config snapshot brings with it: the config and the pieces built
+/// from it.
+pub struct Runtime {
+    pub config: Config,
+    pub client: UpstreamClient,
+}
+
+impl Runtime {
+    fn new(config: Config, previous: Option<&Runtime>) -> Runtime {
+        // Keep the pool (and its warm connections) unless its settings changed.
+        let client = match previous {
+            Some(p)
+                if p.config.limits.upstream_connect_timeout
+                    == config.limits.upstream_connect_timeout =>
+            {
+                p.client.clone()
+            }
+            _ => forward::client(config.limits.upstream_connect_timeout),
+        };
+        Runtime { config, client }
+    }
+}
+
+/// Shared state of a running gateway.
+pub struct Gateway {
+    pub runtime: ArcSwap<Runtime>,
+    pub table: TokenTable,
+    pub metrics: Metrics,
+    pub store: Arc<dyn Store>,
+    pub sync: Arc<SyncStatus>,
+    /// Released once the table is loaded and both listeners accept.
+    ready: AtomicBool,
+    config_path: Option<PathBuf>,
+    log: Option<LogHandle>,
+    /// blake3 of `TOLLGATE_ADMIN_KEY`, read once at start.
+    env_admin_key: Option<blake3::Hash>,
+}
+
+impl Gateway {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Hashes of every accepted operator key.
+    pub fn admin_key_hashes(&self) -> Vec<blake3::Hash> {
+        let rt = self.runtime.load();
+        let mut v = rt.config.admin_key_hashes.clone();
+        v.extend(self.env_admin_key);
+        v
+    }
+
+    /// Re-reads the config file, validates it and swaps it in. Returns the
+    /// changed keys that only take effect after a restart.
+    pub fn reload(&self) -> Result<Vec<&'static str>, ConfigError> {
+        let Some(path) = &self.config_path else {
+            return Err(ConfigError {
+                problems: vec![crate::config::ConfigProblem {
+                    key: String::new(),
+                    line: None,
+                    message: "this gateway was not started from a config file".into(),
+                }],
+            });
+        };
+        let result = Config::load(path);
+        let label = ResultLabels {
+            result: if result.is_ok() { "ok" } else { "error" },
+        };
+        self.metrics.reloads.get_or_create(&label).inc();
+        let next = match result {
+            Ok(c) => c,
+            Err(e) => {
+                for p in &e.problems {
+                    tracing::error!(key = %p.key, line = p.line, problem = %p.message, "config reload refused; the running config stays");
+                }
+                return Err(e);
+            }
+        };
+        let current = self.runtime.load_full();
+        let restart = current.config.restart_needed(&next);
+        if !restart.is_empty() {
+            tracing::warn!(keys = ?restart, "config reloaded; these keys keep their old value until a restart");
+        }
+        // Keys that need a restart keep their running value, so the
+        // snapshot never describes listeners that do not exist.
+        let mut next = next;
+        next.public_addr = current.config.public_addr;
+        next.admin_addr = current.config.admin_addr;
+        next.store = current.config.store.clone();
+        next.tls = current.config.tls.clone();
+        next.limits.max_header_bytes = current.config.limits.max_header_bytes;
+        if let Some(log) = &self.log {
+            log.set_level(&next.log_level);
+        }
+        self.runtime
+            .store(Arc::new(Runtime::new(next, Some(&current))));
+        tracing::info!("config reloaded");
+        Ok(restart)
+    }
+}
+
+/// How to start: where the config came from (for reload) and the log handle.
+#[derive(Default)]
+pub struct StartOptions {
+    pub config_path: Option<PathBuf>,
+    pub log: Option<LogHandle>,
+}
+
+/// A running gateway.
+pub struct Handle {
+    pub public_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Handle {
+    /// Starts draining (as SIGTERM does).
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// The token that stops this gateway when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until both listeners have stopped and drained.
+    pub async fn wait(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Opens the store the config names.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match &config.store {
+        StoreConfig::Embedded { path } => Arc::new(
+            EmbeddedStore::open(path)
+                .with_context(|| format!("embedded store at {}", path.display()))?,
+        ),
+        StoreConfig::Redis { .. } => {
+            anyhow::bail!("the redis store is not supported yet by this build")
+        }
+    })
+}
+
+/// Opens the store, loads the table, binds both listeners and serves until
+/// the returned handle is shut down.
+pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Handle> {
+    let store = open_store(&config).await?;
+    let public = TcpListener::bind(config.public_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (listen.public)", config.public_addr))?;
+    let admin = TcpListener::bind(config.admin_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (listen.admin)", config.admin_addr))?;
+    let public_addr = public.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+
+    let env_admin_key = std::env::var("TOLLGATE_ADMIN_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+        .map(|k| blake3::hash(k.as_bytes()));
+    if config.admin_key_hashes.is_empty() && env_admin_key.is_none() {
+        tracing::warn!("no admin key configured (admin.key_hashes, TOLLGATE_ADMIN_KEY): the admin API refuses every /v1 call");
+    }
+    let gw = Arc::new(Gateway {
+        runtime: ArcSwap::from_pointee(Runtime::new(config, None)),
+        table: TokenTable::new(),
+        metrics: Metrics::new(),
+        store,
+        sync: Arc::new(SyncStatus::default()),
+        ready: AtomicBool::new(false),
+        config_path: opts.config_path,
+        log: opts.log,
+        env_admin_key,
+    });
+
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(crate::admin::serve(
+        admin,
+        Arc::clone(&gw),
+        shutdown.clone(),
+    )));
+
+    // Load everything before taking traffic; the Redis store retries until
+    // it can (readiness stays false meanwhile).
+    let snapshot = gw
+        .store
+        .load_all()
+        .await
+        .context("loading tenants and tokens")?;
+    gw.table.replace_all(snapshot.tenants, snapshot.tokens);
+    gw.sync.set_connected(true);
+    gw.sync.synced_now();
+    if let Some(t) = Arc::clone(&gw.store).spawn_sync(gw.table.clone(), Arc::clone(&gw.sync)) {
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            stop.cancelled().await;
+            t.abort();
+        }));
+    }
+    tasks.push(tokio::spawn(crate::proxy::listener::serve(
+        public,
+        Arc::clone(&gw),
+        shutdown.clone(),
+    )));
+    tasks.push(tokio::spawn(crate::shutdown::on_hangup(
+        Arc::clone(&gw),
+        shutdown.clone(),
+    )));
+    gw.ready.store(true, Ordering::Release);
+    tracing::info!(public = %public_addr, admin = %admin_addr, "listening");
+    Ok(Handle {
+        public_addr,
+        admin_addr,
+        gateway: gw,
+        shutdown,
+        tasks,
+    })
+}
