@@ -101,17 +101,18 @@ pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8], code: &'static str) -
     } else {
         body
     };
-    serde_json::from_slice(text).map_err(|e| {
-        if e.is_syntax() || e.is_eof() {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("request body is not valid JSON: {e}"),
-            )
-        } else {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, e.to_string())
-        }
-    })
+    // Parse the syntax first: a typed parse stops at the first field of the
+    // wrong shape, so a truncated body such as `{"id": ` would otherwise be
+    // reported as a 422 instead of unparseable JSON.
+    let value: serde_json::Value = serde_json::from_slice(text).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("request body is not valid JSON: {e}"),
+        )
+    })?;
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, e.to_string()))
 }
 
 /// Appends to the audit log. The change is already committed: a failure is
