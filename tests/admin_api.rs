@@ -883,6 +883,39 @@ async fn rotation_without_grace_refuses_the_old_secret_at_once() {
     gw.stop().await;
 }
 
+#[tokio::test]
+async fn the_old_secret_is_refused_once_the_grace_has_passed() {
+    let (_b, gw) = gateway("").await;
+    gw.tenant("acme", &["crm"], 1).await;
+    let (id, old) = gw.token("acme", &["127.0.0.1"]).await;
+    let (s, v) = gw
+        .admin(
+            "POST",
+            &format!("/v1/tokens/{id}/rotate"),
+            Some(json!({"grace": "1s"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let new = v["token"].as_str().unwrap().to_string();
+    let url = gw.url("/crm/x");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let g = get("127.0.0.1", &url, Some(&old)).await;
+        if g.status == 401 {
+            assert_error(&g, 401, "invalid_token");
+            break;
+        }
+        assert_eq!(g.status, 200, "{}", g.text);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the grace never ended"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(get("127.0.0.1", &url, Some(&new)).await.status, 200);
+    gw.stop().await;
+}
+
 // ---- quota under concurrency ----------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

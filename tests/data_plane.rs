@@ -419,6 +419,34 @@ async fn an_ipv4_client_of_a_dual_stack_listener_matches_an_ipv4_allowlist() {
     gw.stop().await;
 }
 
+#[tokio::test]
+async fn an_ipv6_client_is_matched_against_ipv6_entries() {
+    let b = Backends::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&b, &dir.path().join("tollgate.db"), "").replacen(
+        "public = \"127.0.0.1:0\"",
+        "public = \"[::]:0\"",
+        1,
+    );
+    let gw = TestGateway::start_text(dir, &text).await;
+    gw.tenant("acme", &["crm"], 2).await;
+    let (_, v6) = gw.token("acme", &["::1"]).await;
+    let (_, v4) = gw.token("acme", &["127.0.0.1"]).await;
+    let url = format!("http://[::1]:{}/crm/x", gw.public.port());
+    let g = get("::1", &url, Some(&v6)).await;
+    assert_eq!(g.status, 200, "{}", g.text);
+    assert_eq!(b.crm.seen()[0].headers["x-forwarded-for"], "::1");
+    let g = get("::1", &url, Some(&v4)).await;
+    assert_error(&g, 403, "ip_not_allowed");
+    assert!(message(&g).contains("client IP ::1 "), "{}", g.text);
+    // And the IPv6 entry does not admit an IPv4 client.
+    let url4 = format!("http://127.0.0.1:{}/crm/x", gw.public.port());
+    let g = get("127.0.0.1", &url4, Some(&v6)).await;
+    assert_error(&g, 403, "ip_not_allowed");
+    assert_eq!(b.crm.count(), 1);
+    gw.stop().await;
+}
+
 // ---- row 5: products ------------------------------------------------------
 
 #[tokio::test]
@@ -944,6 +972,32 @@ async fn a_request_hidden_in_a_body_is_never_forwarded_unauthenticated() {
     assert_eq!(seen[0].body_len, hidden.len());
     assert_eq!(seen[1].body_len, 0);
     assert_eq!(seen[2].body_len, hidden.len());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn connect_and_asterisk_targets_are_400_and_never_forwarded() {
+    let (b, gw, _, secret) = setup("", &["crm"], &["127.0.0.1"]).await;
+    for line in [
+        format!("CONNECT {} HTTP/1.1", b.crm.addr),
+        "OPTIONS * HTTP/1.1".to_string(),
+    ] {
+        let req = format!(
+            "{line}\r\nHost: gw\r\nAuthorization: Bearer {secret}\r\nConnection: close\r\n\r\n"
+        );
+        let a = parse_raw(raw("127.0.0.1", gw.public, req.as_bytes(), RAW_WAIT).await);
+        assert_raw_error(&a, 400, "bad_request");
+    }
+    // The absolute form is routed by its path like any other request.
+    let req = format!(
+        "GET http://elsewhere.example/crm/abs?x=1 HTTP/1.1\r\nHost: elsewhere.example\r\n\
+         Authorization: Bearer {secret}\r\nConnection: close\r\n\r\n"
+    );
+    let a = parse_raw(raw("127.0.0.1", gw.public, req.as_bytes(), RAW_WAIT).await);
+    assert_eq!(a.status, 200, "{}", a.all);
+    let seen = b.crm.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path_and_query, "/crm/abs?x=1");
     gw.stop().await;
 }
 
