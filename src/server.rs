@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConfigError, StoreConfig};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::proxy::forward::{self, UpstreamClient};
-use crate::store::{embedded::EmbeddedStore, Store, SyncStatus};
+use crate::store::{embedded::EmbeddedStore, redis::RedisStore, Store, SyncStatus};
 use crate::table::TokenTable;
 use crate::telemetry::LogHandle;
 
@@ -164,8 +164,9 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             EmbeddedStore::open(path)
                 .with_context(|| format!("embedded store at {}", path.display()))?,
         ),
-        StoreConfig::Redis { .. } => {
-            anyhow::bail!("the redis store is not supported yet by this build")
+        // Does not connect: an instance may start while Redis is down.
+        StoreConfig::Redis { url, key_prefix } => {
+            Arc::new(RedisStore::open(url, key_prefix).context("redis store (store.url)")?)
         }
     })
 }
@@ -210,33 +211,46 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Handle>
         shutdown.clone(),
     )));
 
-    // Load everything before taking traffic; the Redis store retries until
-    // it can (readiness stays false meanwhile).
-    let snapshot = gw
-        .store
-        .load_all()
-        .await
-        .context("loading tenants and tokens")?;
-    gw.table.replace_all(snapshot.tenants, snapshot.tokens);
-    gw.sync.set_connected(true);
-    gw.sync.synced_now();
-    if let Some(t) = Arc::clone(&gw.store).spawn_sync(gw.table.clone(), Arc::clone(&gw.sync)) {
-        let stop = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            stop.cancelled().await;
-            t.abort();
-        }));
+    // Load everything before taking traffic. A store that follows changes
+    // (Redis) loads in its sync task and retries until it can: the
+    // listeners are bound, `/readyz` answers 503, and the data plane starts
+    // serving once the first load is in. The embedded store fails fast.
+    let follower = Arc::clone(&gw.store).spawn_sync(gw.table.clone(), Arc::clone(&gw.sync));
+    match follower {
+        Some(t) => {
+            let stop = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                stop.cancelled().await;
+                t.abort();
+            }));
+        }
+        None => {
+            let snapshot = gw
+                .store
+                .load_all()
+                .await
+                .context("loading tenants and tokens")?;
+            gw.table.replace_all(snapshot.tenants, snapshot.tokens);
+            gw.sync.set_connected(true);
+            gw.sync.synced_now();
+            gw.ready.store(true, Ordering::Release);
+        }
     }
-    tasks.push(tokio::spawn(crate::proxy::listener::serve(
-        public,
-        Arc::clone(&gw),
-        shutdown.clone(),
-    )));
+    let (gw2, stop) = (Arc::clone(&gw), shutdown.clone());
+    tasks.push(tokio::spawn(async move {
+        tokio::select! {
+            _ = gw2.sync.wait_first_sync() => {}
+            _ = stop.cancelled() => return,
+        }
+        if !gw2.ready.swap(true, Ordering::AcqRel) {
+            tracing::info!("store loaded; ready");
+        }
+        crate::proxy::listener::serve(public, gw2, stop).await;
+    }));
     tasks.push(tokio::spawn(crate::shutdown::on_hangup(
         Arc::clone(&gw),
         shutdown.clone(),
     )));
-    gw.ready.store(true, Ordering::Release);
     tracing::info!(public = %public_addr, admin = %admin_addr, "listening");
     Ok(Handle {
         public_addr,

@@ -81,6 +81,8 @@ pub struct SyncStatus {
     connected: AtomicBool,
     /// Unix milliseconds of the last successful load or feed read.
     last_sync_ms: AtomicI64,
+    /// Becomes true at the first sync; start-up waits on it.
+    synced: tokio::sync::watch::Sender<bool>,
 }
 
 impl Default for SyncStatus {
@@ -88,6 +90,7 @@ impl Default for SyncStatus {
         SyncStatus {
             connected: AtomicBool::new(false),
             last_sync_ms: AtomicI64::new(0),
+            synced: tokio::sync::watch::Sender::new(false),
         }
     }
 }
@@ -101,6 +104,14 @@ impl SyncStatus {
     }
     pub fn synced_now(&self) {
         self.last_sync_ms.store(now_ms(), Ordering::Relaxed);
+        self.synced
+            .send_if_modified(|s| !std::mem::replace(s, true));
+    }
+    /// Returns once the first full load has been applied.
+    pub async fn wait_first_sync(&self) {
+        let mut rx = self.synced.subscribe();
+        // The sender lives in `self`, so this cannot fail while we wait.
+        let _ = rx.wait_for(|s| *s).await;
     }
     /// Seconds since the last sync, or `None` before the first.
     pub fn last_sync_age(&self) -> Option<f64> {

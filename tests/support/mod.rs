@@ -3,6 +3,8 @@
 //! 127.x source addresses, and raw-socket helpers.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
