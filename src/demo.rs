@@ -198,7 +198,9 @@ upstream = "http://{marketing}"
     );
 
     let base = format!("http://{public}");
-    let cases: Vec<(&str, String, [u8; 4], &str, Option<&str>)> = vec![
+    // (what it shows, curl line, source address, path, token)
+    type Case<'a> = (&'a str, String, [u8; 4], &'a str, Option<&'a str>);
+    let cases: Vec<Case> = vec![
         ("allowed: forwarded to the CRM backend, which echoes what it received", format!("curl -i -H 'Authorization: Bearer {token}' {base}/crm/v1/contacts"), [127, 0, 0, 1], "/crm/v1/contacts", Some(&token)),
         ("401 missing_token: no Authorization header", format!("curl -i {base}/crm/v1/contacts"), [127, 0, 0, 1], "/crm/v1/contacts", None),
         ("401 invalid_token: one character changed (the checksum catches it)", format!("curl -i -H 'Authorization: Bearer {bad_token}' {base}/crm/v1/contacts"), [127, 0, 0, 1], "/crm/v1/contacts", Some(&bad_token)),

@@ -33,3 +33,4 @@ pub mod shutdown;
 pub mod store;
 pub mod table;
 pub mod telemetry;
+pub mod tls;

@@ -1,5 +1,5 @@
 //! Prometheus metrics (prometheus-client). Names are the contract's:
-//! `tollgate_requests_total{route,outcome,status}`,
+//! `tollgate_requests_total{route,product,outcome,status}`,
 //! `tollgate_request_duration_seconds`, `tollgate_upstream_duration_seconds`,
 //! `tollgate_tokens`, `tollgate_tenants`, `tollgate_config_reloads_total`,
 //! `tollgate_store_connected`, `tollgate_store_last_sync_age_seconds`,
@@ -23,6 +23,7 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub route: &'static str,
+    pub product: &'static str,
     pub outcome: &'static str,
     pub status: u16,
 }

@@ -23,25 +23,75 @@ use crate::table::TokenTable;
 use crate::telemetry::LogHandle;
 
 /// What a config snapshot brings with it: the config and the pieces built
-/// from it.
+/// from it (upstream clients, TLS acceptor, HTTP settings). Built whole at
+/// start and at each reload; a reload that cannot build it changes nothing.
 pub struct Runtime {
     pub config: Config,
-    pub client: UpstreamClient,
+    /// One client per route, indexed by `Route::index`; routes without a
+    /// `ca_file` share the default client and its connection pool.
+    clients: Vec<UpstreamClient>,
+    default_client: UpstreamClient,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub http: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
 }
 
 impl Runtime {
-    fn new(config: Config, previous: Option<&Runtime>) -> Runtime {
-        // Keep the pool (and its warm connections) unless its settings changed.
-        let client = match previous {
-            Some(p)
-                if p.config.limits.upstream_connect_timeout
-                    == config.limits.upstream_connect_timeout =>
-            {
-                p.client.clone()
-            }
-            _ => forward::client(config.limits.upstream_connect_timeout),
+    /// Builds the runtime pieces; reads TLS and CA files, so errors name
+    /// the key that points at the bad file.
+    pub fn build(config: Config, previous: Option<&Runtime>) -> Result<Runtime, ConfigError> {
+        let problem = |key: String, message: String| ConfigError {
+            problems: vec![crate::config::ConfigProblem {
+                key,
+                line: None,
+                message,
+            }],
         };
-        Runtime { config, client }
+        let timeout = config.limits.upstream_connect_timeout;
+        // Keep the pool (and its warm connections) unless its settings changed.
+        let default_client = match previous {
+            Some(p) if p.config.limits.upstream_connect_timeout == timeout => {
+                p.default_client.clone()
+            }
+            _ => forward::client(
+                timeout,
+                crate::tls::client_config(None).map_err(|e| problem("route".into(), e))?,
+            ),
+        };
+        let mut by_index: Vec<(usize, UpstreamClient)> = Vec::new();
+        for r in config.routes.iter() {
+            let client = match &r.ca_file {
+                None => default_client.clone(),
+                Some(ca) => forward::client(
+                    timeout,
+                    crate::tls::client_config(Some(ca))
+                        .map_err(|e| problem(format!("route[{}].ca_file", r.index), e))?,
+                ),
+            };
+            by_index.push((r.index, client));
+        }
+        by_index.sort_by_key(|(i, _)| *i);
+        let clients = by_index.into_iter().map(|(_, c)| c).collect();
+        let tls = match &config.tls {
+            None => None,
+            Some(files) => {
+                let cfg = crate::tls::server_config(&files.cert, &files.key)
+                    .map_err(|e| problem("listen.tls".into(), e))?;
+                Some(tokio_rustls::TlsAcceptor::from(cfg))
+            }
+        };
+        let http = crate::proxy::listener::http_builder(&config.limits);
+        Ok(Runtime {
+            config,
+            clients,
+            default_client,
+            tls,
+            http,
+        })
+    }
+
+    /// The client for a route's upstreams.
+    pub fn client_for(&self, route: &crate::proxy::route::Route) -> &UpstreamClient {
+        &self.clients[route.index]
     }
 }
 
@@ -85,14 +135,13 @@ impl Gateway {
                 }],
             });
         };
-        let result = Config::load(path);
-        let label = ResultLabels {
-            result: if result.is_ok() { "ok" } else { "error" },
-        };
-        self.metrics.reloads.get_or_create(&label).inc();
-        let next = match result {
+        let next = match Config::load(path) {
             Ok(c) => c,
             Err(e) => {
+                self.metrics
+                    .reloads
+                    .get_or_create(&ResultLabels { result: "error" })
+                    .inc();
                 for p in &e.problems {
                     tracing::error!(key = %p.key, line = p.line, problem = %p.message, "config reload refused; the running config stays");
                 }
@@ -110,13 +159,33 @@ impl Gateway {
         next.public_addr = current.config.public_addr;
         next.admin_addr = current.config.admin_addr;
         next.store = current.config.store.clone();
-        next.tls = current.config.tls.clone();
-        next.limits.max_header_bytes = current.config.limits.max_header_bytes;
-        if let Some(log) = &self.log {
-            log.set_level(&next.log_level);
+        if next.tls.is_some() != current.config.tls.is_some() {
+            next.tls = current.config.tls.clone();
         }
-        self.runtime
-            .store(Arc::new(Runtime::new(next, Some(&current))));
+        next.limits.max_connections = current.config.limits.max_connections;
+        next.log_format = current.config.log_format;
+        let level = next.log_level.clone();
+        let runtime = match Runtime::build(next, Some(&current)) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics
+                    .reloads
+                    .get_or_create(&ResultLabels { result: "error" })
+                    .inc();
+                for p in &e.problems {
+                    tracing::error!(key = %p.key, problem = %p.message, "config reload refused; the running config stays");
+                }
+                return Err(e);
+            }
+        };
+        if let Some(log) = &self.log {
+            log.set_level(&level);
+        }
+        self.runtime.store(Arc::new(runtime));
+        self.metrics
+            .reloads
+            .get_or_create(&ResultLabels { result: "ok" })
+            .inc();
         tracing::info!("config reloaded");
         Ok(restart)
     }
@@ -174,6 +243,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
 /// Opens the store, loads the table, binds both listeners and serves until
 /// the returned handle is shut down.
 pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Handle> {
+    let runtime = Runtime::build(config.clone(), None).map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = open_store(&config).await?;
     let public = TcpListener::bind(config.public_addr)
         .await
@@ -192,7 +262,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Handle>
         tracing::warn!("no admin key configured (admin.key_hashes, TOLLGATE_ADMIN_KEY): the admin API refuses every /v1 call");
     }
     let gw = Arc::new(Gateway {
-        runtime: ArcSwap::from_pointee(Runtime::new(config, None)),
+        runtime: ArcSwap::from_pointee(runtime),
         table: TokenTable::new(),
         metrics: Metrics::new(),
         store,

@@ -9,10 +9,16 @@
 //! source (start-up load, an admin write, the Redis feed, a full resync).
 //! Records carry a version; an older version never overwrites a newer one,
 //! so changes may arrive twice or out of order.
+//!
+//! Memory and cache footprint matter here (a million tokens is a normal
+//! size): product lists are interned, so the thousands of tenants and tokens
+//! that share one list share one allocation, which also stays in cache for
+//! the decision; a token's id is one allocation shared by its table entries.
 
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
@@ -34,16 +40,21 @@ pub enum Change {
     TokenRemoved(String),
 }
 
+/// A list of product names, shared by every tenant and token that has the
+/// same list.
+pub type ProductList = Arc<Box<[Box<str>]>>;
+
 /// What the data plane knows about one token secret.
 #[derive(Debug)]
 pub struct Grant {
-    pub token_id: Box<str>,
+    /// Shared with the table's per-id entry.
+    pub token_id: Arc<str>,
     /// `token_id` as a header value, built once.
     pub token_id_header: HeaderValue,
     pub tenant: Arc<TenantCell>,
     pub allowlist: Box<[IpNet]>,
     /// `None`: all the tenant's products.
-    pub products: Option<Box<[Box<str>]>>,
+    pub products: Option<ProductList>,
     /// The token's expiry, or for a rotated-out secret the end of its grace.
     pub expires_at: Option<UnixTime>,
     pub disabled: bool,
@@ -66,9 +77,9 @@ impl Grant {
         Grant {
             token_id: "tok_test".into(),
             token_id_header: HeaderValue::from_static("tok_test"),
-            tenant: Arc::new(TenantCell::new("t", Vec::new())),
+            tenant: Arc::new(TenantCell::new("t", Arc::new(Box::new([])))),
             allowlist: allowlist.into_boxed_slice(),
-            products: products.map(Vec::into_boxed_slice),
+            products: products.map(|p| Arc::new(p.into_boxed_slice())),
             expires_at: None,
             disabled: false,
             last_used: AtomicI64::new(0),
@@ -86,18 +97,36 @@ pub struct TenantCell {
 }
 
 impl TenantCell {
-    fn new(id: &str, products: Vec<String>) -> TenantCell {
+    fn new(id: &str, products: ProductList) -> TenantCell {
         TenantCell {
             id: id.into(),
             // Tenant ids are validated to [a-z0-9_-], always a valid value.
             id_header: HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("invalid")),
-            products: ArcSwap::from_pointee(to_boxed(products)),
+            products: ArcSwap::new(products),
         }
     }
 }
 
-fn to_boxed(v: Vec<String>) -> Box<[Box<str>]> {
-    v.into_iter().map(String::into_boxed_str).collect()
+/// Interned product lists (control plane only; the data plane never locks).
+#[derive(Default)]
+struct ProductLists(Mutex<HashMap<Vec<String>, ProductList>>);
+
+impl ProductLists {
+    /// Distinct lists kept before unused ones are dropped.
+    const PRUNE_AT: usize = 1024;
+
+    fn intern(&self, list: Vec<String>) -> ProductList {
+        let mut lists = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(shared) = lists.get(&list) {
+            return Arc::clone(shared);
+        }
+        if lists.len() >= Self::PRUNE_AT {
+            lists.retain(|_, shared| Arc::strong_count(shared) > 1);
+        }
+        let shared: ProductList = Arc::new(list.iter().map(|p| p.as_str().into()).collect());
+        lists.insert(list, Arc::clone(&shared));
+        shared
+    }
 }
 
 /// Hasher for keys that are already uniform hashes: passes the u64 through.
@@ -125,7 +154,7 @@ type ByHash = DashMap<TokenHash, Arc<Grant>, BuildHasherDefault<PassThroughHashe
 #[derive(Debug)]
 struct IdEntry {
     version: u64,
-    tenant: Box<str>,
+    tenant: Arc<TenantCell>,
     /// The hashes this token currently owns in `by_hash` (current and, during
     /// a rotation grace, previous). Empty for a revoked token's tombstone.
     hashes: Vec<TokenHash>,
@@ -146,8 +175,9 @@ pub struct TokenTable {
 #[derive(Default)]
 struct Inner {
     by_hash: ByHash,
-    by_id: DashMap<Box<str>, IdEntry>,
+    by_id: DashMap<Arc<str>, IdEntry>,
     tenants: DashMap<Box<str>, TenantEntry>,
+    product_lists: ProductLists,
 }
 
 impl TokenTable {
@@ -211,7 +241,7 @@ impl TokenTable {
         for t in tokens {
             self.upsert_token(t);
         }
-        let stale_tokens: Vec<Box<str>> = self
+        let stale_tokens: Vec<Arc<str>> = self
             .inner
             .by_id
             .iter()
@@ -246,7 +276,10 @@ impl TokenTable {
             .entry(id.into())
             .or_insert_with(|| TenantEntry {
                 version: 0,
-                cell: Arc::new(TenantCell::new(id, Vec::new())),
+                cell: Arc::new(TenantCell::new(
+                    id,
+                    self.inner.product_lists.intern(Vec::new()),
+                )),
             });
         Arc::clone(&entry.cell)
     }
@@ -257,13 +290,15 @@ impl TokenTable {
                 if e.get().version > t.version {
                     return;
                 }
-                e.get().cell.products.store(Arc::new(to_boxed(t.products)));
+                let products = self.inner.product_lists.intern(t.products);
+                e.get().cell.products.store(products);
                 e.get_mut().version = t.version;
             }
             dashmap::Entry::Vacant(e) => {
+                let products = self.inner.product_lists.intern(t.products);
                 e.insert(TenantEntry {
                     version: t.version,
-                    cell: Arc::new(TenantCell::new(&t.id, t.products)),
+                    cell: Arc::new(TenantCell::new(&t.id, products)),
                 });
             }
         }
@@ -274,11 +309,11 @@ impl TokenTable {
             // Grants still held by in-flight requests now see no products.
             e.cell.products.store(Arc::new(Box::new([])));
         }
-        let ids: Vec<Box<str>> = self
+        let ids: Vec<Arc<str>> = self
             .inner
             .by_id
             .iter()
-            .filter(|e| &*e.value().tenant == id)
+            .filter(|e| &*e.value().tenant.id == id)
             .map(|e| e.key().clone())
             .collect();
         for token_id in ids {
@@ -303,7 +338,7 @@ impl TokenTable {
             .entry(t.id.as_str().into())
             .or_insert_with(|| IdEntry {
                 version: 0,
-                tenant: t.tenant.as_str().into(),
+                tenant: self.tenant_cell(&t.tenant),
                 hashes: Vec::new(),
             });
         if entry.version > t.version || (entry.version == u64::MAX && t.version != u64::MAX) {
@@ -318,13 +353,18 @@ impl TokenTable {
             return;
         }
         let tenant = self.tenant_cell(&t.tenant);
+        let token_id = Arc::clone(entry.key());
+        let products = t
+            .products
+            .clone()
+            .map(|p| self.inner.product_lists.intern(p));
         let make = |expires_at: Option<UnixTime>, last_used: i64| Grant {
-            token_id: t.id.as_str().into(),
+            token_id: Arc::clone(&token_id),
             token_id_header: HeaderValue::from_str(&t.id)
                 .unwrap_or(HeaderValue::from_static("invalid")),
             tenant: Arc::clone(&tenant),
             allowlist: t.ip_allowlist.clone().into_boxed_slice(),
-            products: t.products.clone().map(to_boxed),
+            products: products.clone(),
             expires_at,
             disabled: t.disabled,
             last_used: AtomicI64::new(last_used),
@@ -435,6 +475,45 @@ mod tests {
         // Older tenant versions are ignored.
         t.apply(Change::TenantUpserted(tenant("acme", &[], 0)));
         assert_eq!(g.tenant.products.load().len(), 1);
+    }
+
+    #[test]
+    fn equal_product_lists_share_one_allocation() {
+        let t = TokenTable::new();
+        t.apply(Change::TenantUpserted(tenant(
+            "acme",
+            &["crm", "messaging"],
+            1,
+        )));
+        t.apply(Change::TenantUpserted(tenant(
+            "other",
+            &["crm", "messaging"],
+            1,
+        )));
+        let mut a = token("tok_1", "s1", 1);
+        a.products = Some(vec!["crm".into()]);
+        let mut b = token("tok_2", "s2", 1);
+        b.products = Some(vec!["crm".into()]);
+        b.tenant = "other".into();
+        t.apply(Change::TokenUpserted(a));
+        t.apply(Change::TokenUpserted(b));
+        let (a, b) = (
+            t.get(&TokenHash::of("s1")).unwrap(),
+            t.get(&TokenHash::of("s2")).unwrap(),
+        );
+        assert!(Arc::ptr_eq(
+            &a.tenant.products.load_full(),
+            &b.tenant.products.load_full()
+        ));
+        assert!(Arc::ptr_eq(
+            a.products.as_ref().unwrap(),
+            b.products.as_ref().unwrap()
+        ));
+        assert_eq!(&*a.token_id, "tok_1");
+        // A product change of one tenant leaves the other's list alone.
+        t.apply(Change::TenantUpserted(tenant("acme", &["crm"], 2)));
+        assert_eq!(a.tenant.products.load().len(), 1);
+        assert_eq!(b.tenant.products.load().len(), 2);
     }
 
     #[test]

@@ -86,14 +86,20 @@ impl TokenFormat {
     }
 
     /// Total length of a token in characters.
-    pub fn len(&self) -> usize {
+    pub fn token_len(&self) -> usize {
         self.prefix.len() + SECRET_LEN + CHECKSUM_LEN
     }
 
     /// A fresh token from the OS CSPRNG.
     pub fn generate(&self) -> String {
-        let mut rng = rand::rngs::OsRng;
-        let mut s = String::with_capacity(self.len());
+        self.generate_with(&mut rand::rngs::OsRng)
+    }
+
+    /// A token drawn from `rng`. Real tokens come from [`Self::generate`];
+    /// this exists so benches and tests can make millions of well-formed
+    /// tokens quickly and reproducibly.
+    pub fn generate_with<R: Rng + ?Sized>(&self, rng: &mut R) -> String {
+        let mut s = String::with_capacity(self.token_len());
         s.push_str(&self.prefix);
         for _ in 0..SECRET_LEN {
             s.push(BASE62[rng.gen_range(0..62)] as char);
@@ -107,7 +113,7 @@ impl TokenFormat {
     /// correct checksum. Does no lookup and allocates nothing.
     pub fn is_well_formed(&self, token: &str) -> bool {
         let b = token.as_bytes();
-        if b.len() != self.len() || !token.starts_with(&self.prefix) {
+        if b.len() != self.token_len() || !token.starts_with(&self.prefix) {
             return false;
         }
         let (body, sum) = b.split_at(b.len() - CHECKSUM_LEN);

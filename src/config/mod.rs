@@ -127,7 +127,8 @@ impl Config {
 
     /// Parses and validates the text of a config file.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| toml_problem(text, &e))?;
+        let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+            .map_err(|e| toml_problem(text, e))?;
         Config::from_raw(raw, text)
     }
 
@@ -148,12 +149,6 @@ impl Config {
             cert: PathBuf::from(&t.cert),
             key: PathBuf::from(&t.key),
         });
-        if tls.is_some() {
-            p.add(
-                "listen.tls",
-                "TLS on the public listener is not supported yet by this build; remove [listen.tls]",
-            );
-        }
 
         let store = match raw.store.kind.as_str() {
             "embedded" => {
@@ -321,10 +316,15 @@ impl Config {
             if let Err(e) = crate::model::validate_name("product", &r.product) {
                 p.add(&format!("{key}.product"), e);
             }
-            if r.ca_file.is_some() {
+            let any_https = r
+                .upstream
+                .as_slice()
+                .iter()
+                .any(|u| u.starts_with("https://"));
+            if r.ca_file.is_some() && !any_https {
                 p.add(
                     &format!("{key}.ca_file"),
-                    "https upstreams are not supported yet by this build",
+                    "only used with https:// upstreams",
                 );
             }
             let mut upstreams = Vec::new();
@@ -341,13 +341,9 @@ impl Config {
                     Err(e) => p.add(&ukey, e),
                 }
             }
-            routes.push(Route::new(
-                i,
-                &r.prefix,
-                &r.product,
-                upstreams,
-                r.strip_prefix,
-            ));
+            let mut route = Route::new(i, &r.prefix, &r.product, upstreams, r.strip_prefix);
+            route.ca_file = r.ca_file.as_ref().map(PathBuf::from);
+            routes.push(route);
         }
 
         if !p.list.is_empty() {
@@ -386,8 +382,11 @@ impl Config {
         if self.tls.is_some() != next.tls.is_some() {
             v.push("listen.tls");
         }
-        if self.limits.max_header_bytes != next.limits.max_header_bytes {
-            v.push("limits.max_header_bytes");
+        if self.limits.max_connections != next.limits.max_connections {
+            v.push("limits.max_connections");
+        }
+        if self.log_format != next.log_format {
+            v.push("log.format");
         }
         v
     }
@@ -485,16 +484,34 @@ fn line_of_key(text: &str, key: &str) -> Option<usize> {
     None
 }
 
-fn toml_problem(text: &str, e: &toml::de::Error) -> ConfigError {
-    let line = e
-        .span()
-        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+/// A TOML or type error, with the key path serde was at (`limits.idle_timeout`,
+/// `route[1].upstream`) and the key's line when it can be found.
+fn toml_problem(text: &str, e: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+    let mut key = e.path().to_string();
+    if key == "." {
+        key.clear();
+    }
+    let inner = e.into_inner();
+    let message = inner.message().trim().to_string();
+    // For an unknown key serde stops at the enclosing table; name the key.
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        if let Some((field, _)) = rest.split_once('`') {
+            if !key.ends_with(field) {
+                key = if key.is_empty() {
+                    field.to_string()
+                } else {
+                    format!("{key}.{field}")
+                };
+            }
+        }
+    }
+    let line = line_of_key(text, &key).or_else(|| {
+        inner
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+    });
     ConfigError {
-        problems: vec![ConfigProblem {
-            key: String::new(),
-            line,
-            message: e.message().to_string(),
-        }],
+        problems: vec![ConfigProblem { key, line, message }],
     }
 }
 
@@ -536,9 +553,14 @@ upstream = "http://127.0.0.1:7001"
     #[test]
     fn unknown_keys_are_errors_that_name_the_key() {
         let e = Config::parse(&format!("{MINIMAL}\n[limits]\nidle_timeot = \"5s\"\n")).unwrap_err();
-        let s = e.to_string();
-        assert!(s.contains("idle_timeot"), "{s}");
-        assert!(s.contains("line"), "{s}");
+        assert_eq!(e.problems[0].key, "limits.idle_timeot");
+        assert_eq!(e.problems[0].line, Some(8));
+        let e = Config::parse(&format!("{MINIMAL}\n[limits]\nidle_timeout = 30\n")).unwrap_err();
+        assert_eq!(e.problems[0].key, "limits.idle_timeout");
+        assert_eq!(e.problems[0].line, Some(8));
+        let e = Config::parse("[[route]]\nprefix = \"/a/\"\nproduct = \"a\"\nupstream = 5\n")
+            .unwrap_err();
+        assert!(e.problems[0].key.starts_with("route"), "{e}");
     }
 
     #[test]
@@ -579,10 +601,10 @@ upstream = ["http://127.0.0.1:7002", "ftp://x"]
     }
 
     #[test]
-    fn unsupported_features_are_refused_not_ignored() {
-        let text = format!("[listen.tls]\ncert = \"a\"\nkey = \"b\"\n{MINIMAL}");
+    fn ca_file_without_https_upstream_is_refused() {
+        let text = format!("{MINIMAL}ca_file = \"x.pem\"\n");
         let e = Config::parse(&text).unwrap_err();
-        assert!(e.to_string().contains("not supported yet"), "{e}");
+        assert_eq!(e.problems[0].key, "route[0].ca_file");
     }
 
     #[test]

@@ -4,27 +4,40 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-/// The pooled HTTP client for all upstreams.
-pub type UpstreamClient = Client<HttpConnector, Incoming>;
+/// A request body going upstream: the client's, streamed, or empty (a
+/// bodyless request replayed on another upstream).
+pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
 
-/// Builds the client. Connections are kept alive and reused per upstream.
-pub fn client(connect_timeout: Duration) -> UpstreamClient {
+/// The pooled HTTP(S) client for upstreams.
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+
+/// Builds a client. Connections are kept alive and reused per upstream;
+/// `https://` upstreams are verified against `tls`'s roots.
+pub fn client(connect_timeout: Duration, tls: rustls::ClientConfig) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(connect_timeout));
     http.set_nodelay(true);
-    http.enforce_http(true);
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
-        .build(http)
+        .build(https)
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

@@ -2,7 +2,7 @@
 //! and the one path normalization both routing and forwarding use.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use http::uri::{Authority, Scheme};
@@ -16,8 +16,12 @@ pub struct Route {
     pub product: Box<str>,
     pub upstreams: Box<[Upstream]>,
     pub strip_prefix: bool,
+    /// Extra trust root for https upstreams.
+    pub ca_file: Option<std::path::PathBuf>,
     /// Metrics label (the prefix, interned).
     pub label: &'static str,
+    /// Metrics label (the product, interned).
+    pub product_label: &'static str,
     /// Round-robin cursor over `upstreams`.
     next: AtomicUsize,
 }
@@ -36,18 +40,35 @@ impl Route {
             product: product.into(),
             upstreams: upstreams.into_boxed_slice(),
             strip_prefix,
+            ca_file: None,
             label: crate::metrics::intern(prefix),
+            product_label: crate::metrics::intern(product),
             next: AtomicUsize::new(0),
         }
     }
 
-    /// The next upstream in round-robin order.
+    /// The next upstream in round-robin order, skipping ejected ones; when
+    /// every upstream is ejected, plain round-robin (a pool never fails
+    /// closed on the gateway's own guess).
     pub fn pick_upstream(&self) -> &Upstream {
-        if self.upstreams.len() == 1 {
+        let n = self.upstreams.len();
+        if n == 1 {
             return &self.upstreams[0];
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        &self.upstreams[i % self.upstreams.len()]
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = Upstream::clock_ms();
+        (0..n)
+            .map(|k| &self.upstreams[(start + k) % n])
+            .find(|u| !u.is_ejected(now))
+            .unwrap_or(&self.upstreams[start % n])
+    }
+
+    /// Another upstream than `failed` that is not ejected, for a retry.
+    pub fn alternative(&self, failed: &Upstream) -> Option<&Upstream> {
+        let now = Upstream::clock_ms();
+        self.upstreams
+            .iter()
+            .find(|u| !std::ptr::eq(*u, failed) && !u.is_ejected(now))
     }
 
     /// The path to send upstream for a normalized request path.
@@ -64,26 +85,48 @@ impl Route {
     }
 }
 
+/// How long an upstream that failed to connect or timed out is skipped
+/// (nginx's `max_fails=1 fail_timeout=10s`).
+pub const EJECT_FOR_MS: u64 = 10_000;
+
 /// An upstream base URL: `http://host:port[/base]`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Upstream {
     pub scheme: Scheme,
     pub authority: Authority,
     /// Path prepended to the forwarded path, without a trailing slash.
     pub base_path: Box<str>,
+    /// Passive health: skipped until this time (`clock_ms`), 0 when healthy.
+    ejected_until: AtomicU64,
 }
 
 impl Upstream {
+    /// Milliseconds on a process-wide monotonic clock.
+    fn clock_ms() -> u64 {
+        static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        EPOCH
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as u64
+            + 1
+    }
+
+    fn is_ejected(&self, now: u64) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) > now
+    }
+
+    /// Marks the upstream as failing: skipped for [`EJECT_FOR_MS`].
+    pub fn eject(&self) {
+        self.ejected_until
+            .store(Self::clock_ms() + EJECT_FOR_MS, Ordering::Relaxed);
+    }
+
     pub fn parse(s: &str) -> Result<Upstream, String> {
         let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
         let scheme = match uri.scheme_str() {
             Some("http") => Scheme::HTTP,
-            Some("https") => {
-                return Err(format!(
-                    "{s:?}: https upstreams are not supported yet by this build"
-                ))
-            }
-            _ => return Err(format!("{s:?} must start with http://")),
+            Some("https") => Scheme::HTTPS,
+            _ => return Err(format!("{s:?} must start with http:// or https://")),
         };
         let authority = uri
             .authority()
@@ -99,6 +142,7 @@ impl Upstream {
             scheme,
             authority,
             base_path: uri.path().trim_end_matches('/').into(),
+            ejected_until: AtomicU64::new(0),
         })
     }
 }
@@ -111,7 +155,7 @@ pub struct RouteTable {
 
 impl RouteTable {
     pub fn new(mut routes: Vec<Route>) -> RouteTable {
-        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         RouteTable {
             routes: routes.into(),
         }
@@ -313,6 +357,31 @@ mod tests {
     }
 
     #[test]
+    fn ejected_upstreams_are_skipped_until_all_are() {
+        let ups = ["http://a:1", "http://b:1", "http://c:1"]
+            .iter()
+            .map(|u| Upstream::parse(u).unwrap())
+            .collect();
+        let r = Route::new(0, "/x/", "x", ups, false);
+        r.upstreams[1].eject();
+        for _ in 0..10 {
+            assert_ne!(r.pick_upstream().authority.as_str(), "b:1");
+        }
+        assert_eq!(
+            r.alternative(&r.upstreams[0]).unwrap().authority.as_str(),
+            "c:1"
+        );
+        r.upstreams[0].eject();
+        r.upstreams[2].eject();
+        // All ejected: round-robin over all of them again.
+        let picked: std::collections::HashSet<_> = (0..6)
+            .map(|_| r.pick_upstream().authority.as_str())
+            .collect();
+        assert_eq!(picked.len(), 3);
+        assert!(r.alternative(&r.upstreams[0]).is_none());
+    }
+
+    #[test]
     fn strip_prefix_keeps_a_leading_slash() {
         let r = Route::new(0, "/crm/", "crm", vec![], true);
         assert_eq!(r.upstream_path("/crm/v1/x"), "/v1/x");
@@ -326,6 +395,7 @@ mod tests {
         let u = Upstream::parse("http://backend:7001/api/").unwrap();
         assert_eq!(u.authority.as_str(), "backend:7001");
         assert_eq!(&*u.base_path, "/api");
+        assert!(Upstream::parse("https://x").is_ok());
         assert!(Upstream::parse("ftp://x").is_err());
         assert!(Upstream::parse("http://u:p@x").is_err());
         assert!(Upstream::parse("127.0.0.1:7001").is_err());

@@ -17,11 +17,11 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 
 use super::client_ip;
 use super::forward::{self, Identity};
-use super::route::{normalize_path, Route};
+use super::route::{normalize_path, Route, Upstream};
 use crate::auth::{decide, Deny, TokenHash};
 use crate::metrics::RequestLabels;
 use crate::server::{Gateway, Runtime};
@@ -132,6 +132,9 @@ impl ProxyError {
     }
 }
 
+/// Metrics labels when no route was chosen.
+const NONE: (&str, &str) = ("none", "none");
+
 /// What the data plane knows about the connection a request came on.
 #[derive(Clone, Copy, Debug)]
 pub struct ConnInfo {
@@ -150,7 +153,8 @@ struct Allowed<'r> {
 
 /// What the access log and metrics record about a request.
 struct Outcome<'a> {
-    route: &'static str,
+    /// Route and product labels.
+    route: (&'static str, &'static str),
     outcome: &'static str,
     status: u16,
     grant: Option<&'a Grant>,
@@ -180,7 +184,10 @@ pub async fn handle(gw: &Gateway, req: Request<Incoming>, conn: ConnInfo) -> Res
             (err.response(Some(&request_id)), out, None)
         }
         Ok(allowed) => {
-            let (route, client_ip) = (allowed.route.label, allowed.client_ip);
+            let (route, client_ip) = (
+                (allowed.route.label, allowed.route.product_label),
+                allowed.client_ip,
+            );
             let grant = Arc::clone(&allowed.grant);
             let (result, upstream_ms) =
                 forward_request(gw, &rt, req, allowed, conn, &request_id).await;
@@ -210,10 +217,10 @@ fn request_filter<'r>(
     table: &TokenTable,
     req: &Request<Incoming>,
     conn: ConnInfo,
-) -> Result<Allowed<'r>, (ProxyError, &'static str, IpAddr)> {
+) -> Result<Allowed<'r>, (ProxyError, (&'static str, &'static str), IpAddr)> {
     let cfg = &rt.config;
     let peer_ip = client_ip::unmap(conn.peer.ip());
-    let fail = |e: ProxyError, route: &'static str, ip: IpAddr| Err((e, route, ip));
+    let fail = |e: ProxyError, route: (&'static str, &'static str), ip: IpAddr| Err((e, route, ip));
 
     // Content-Length together with Transfer-Encoding is refused outright
     // (RFC 9112 §6.1 allows it; it is the classic smuggling vector).
@@ -223,18 +230,18 @@ fn request_filter<'r>(
     {
         return fail(
             ProxyError::BadRequest("Content-Length and Transfer-Encoding must not both be sent"),
-            "none",
+            NONE,
             peer_ip,
         );
     }
     let path = match normalize_path(req.uri().path()) {
         Ok(p) => p,
-        Err(e) => return fail(ProxyError::BadRequest(e.message()), "none", peer_ip),
+        Err(e) => return fail(ProxyError::BadRequest(e.message()), NONE, peer_ip),
     };
     let Some(route) = cfg.routes.find(&path) else {
-        return fail(ProxyError::NoRoute, "none", peer_ip);
+        return fail(ProxyError::NoRoute, NONE, peer_ip);
     };
-    let label = route.label;
+    let label = (route.label, route.product_label);
 
     let Some(token) = bearer_token(headers) else {
         return fail(ProxyError::MissingToken, label, peer_ip);
@@ -285,7 +292,30 @@ fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
     (!token.is_empty()).then_some(token)
 }
 
+/// The upstream URI for a normalized path and the original query.
+fn upstream_uri(upstream: &Upstream, path: &str, query: Option<&str>) -> Option<Uri> {
+    let mut pq = String::with_capacity(
+        upstream.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
+    );
+    pq.push_str(&upstream.base_path);
+    pq.push_str(path);
+    if let Some(q) = query {
+        pq.push('?');
+        pq.push_str(q);
+    }
+    Uri::builder()
+        .scheme(upstream.scheme.clone())
+        .authority(upstream.authority.clone())
+        .path_and_query(pq)
+        .build()
+        .ok()
+}
+
 /// Phases 2-4: rewrite, call the upstream, rewrite the response.
+///
+/// A request without a body that could not connect to one upstream of a
+/// pool is sent once more to another; nothing else is retried, since a
+/// streamed body cannot be replayed.
 async fn forward_request(
     gw: &Gateway,
     rt: &Runtime,
@@ -296,27 +326,12 @@ async fn forward_request(
 ) -> (Result<Response<ProxyBody>, ProxyError>, Option<f64>) {
     let (mut parts, body) = req.into_parts();
     let route = allowed.route;
-    let upstream = route.pick_upstream();
+    let mut upstream = route.pick_upstream();
 
     // Phase 2: upstream_request_filter.
-    let upstream_path = route.upstream_path(&allowed.path);
-    let mut pq = String::with_capacity(
-        upstream.base_path.len()
-            + upstream_path.len()
-            + parts.uri.query().map_or(0, |q| q.len() + 1),
-    );
-    pq.push_str(&upstream.base_path);
-    pq.push_str(upstream_path);
-    if let Some(q) = parts.uri.query() {
-        pq.push('?');
-        pq.push_str(q);
-    }
-    let uri = Uri::builder()
-        .scheme(upstream.scheme.clone())
-        .authority(upstream.authority.clone())
-        .path_and_query(pq)
-        .build();
-    let Ok(uri) = uri else {
+    let path = route.upstream_path(&allowed.path);
+    let query = parts.uri.query().map(str::to_owned);
+    let Some(uri) = upstream_uri(upstream, path, query.as_deref()) else {
         return (
             Err(ProxyError::BadRequest(
                 "the request target cannot be forwarded",
@@ -337,35 +352,58 @@ async fn forward_request(
             request_id,
         },
     );
-    let upstream_req = Request::from_parts(parts, body);
+    let replay = (route.upstreams.len() > 1 && body.is_end_stream())
+        .then(|| (parts.method.clone(), parts.headers.clone()));
+    let mut upstream_req = Request::from_parts(parts, Either::Left(body));
 
     // Phase 3: the upstream call.
+    let client = rt.client_for(route);
     let sent = Instant::now();
-    let result = tokio::time::timeout(
-        rt.config.limits.upstream_timeout,
-        rt.client.request(upstream_req),
-    )
-    .await;
+    let deadline = tokio::time::Instant::now() + rt.config.limits.upstream_timeout;
+    let mut replay = replay;
+    let result = loop {
+        let attempt = tokio::time::timeout_at(deadline, client.request(upstream_req)).await;
+        match attempt {
+            Ok(Err(e)) if e.is_connect() => {
+                upstream.eject();
+                count_upstream_error(gw, route, "connect");
+                tracing::warn!(route = route.label, upstream = %upstream.authority, error = %ErrorChain(&e), "upstream connect failed; ejected for 10s");
+                let next = route.alternative(upstream);
+                match (replay.take(), next) {
+                    (Some((method, headers)), Some(next)) => {
+                        let Some(uri) = upstream_uri(next, path, query.as_deref()) else {
+                            break Err(ProxyError::UpstreamUnavailable);
+                        };
+                        let mut r = Request::new(Either::Right(http_body_util::Empty::new()));
+                        *r.method_mut() = method;
+                        *r.uri_mut() = uri;
+                        *r.headers_mut() = headers;
+                        upstream_req = r;
+                        upstream = next;
+                    }
+                    _ => break Err(ProxyError::UpstreamUnavailable),
+                }
+            }
+            Ok(Err(e)) => {
+                count_upstream_error(gw, route, "protocol");
+                tracing::warn!(route = route.label, upstream = %upstream.authority, error = %ErrorChain(&e), "upstream request failed");
+                break Err(ProxyError::UpstreamUnavailable);
+            }
+            Ok(Ok(resp)) => break Ok(resp),
+            Err(_) => {
+                upstream.eject();
+                count_upstream_error(gw, route, "timeout");
+                tracing::warn!(route = route.label, upstream = %upstream.authority, "upstream timed out");
+                break Err(ProxyError::UpstreamTimeout);
+            }
+        }
+    };
     let upstream_s = sent.elapsed().as_secs_f64();
     gw.metrics.upstream_duration.observe(upstream_s);
     let upstream_ms = Some(upstream_s * 1000.0);
     let resp = match result {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => {
-            let kind = if e.is_connect() {
-                "connect"
-            } else {
-                "protocol"
-            };
-            count_upstream_error(gw, route, kind);
-            tracing::warn!(route = route.label, upstream = %upstream.authority, kind, error = %e, "upstream request failed");
-            return (Err(ProxyError::UpstreamUnavailable), upstream_ms);
-        }
-        Err(_) => {
-            count_upstream_error(gw, route, "timeout");
-            tracing::warn!(route = route.label, upstream = %upstream.authority, "upstream timed out");
-            return (Err(ProxyError::UpstreamTimeout), upstream_ms);
-        }
+        Ok(r) => r,
+        Err(e) => return (Err(e), upstream_ms),
     };
 
     // Phase 4: response_filter.
@@ -375,6 +413,22 @@ async fn forward_request(
         Ok(Response::from_parts(parts, Either::Left(body))),
         upstream_ms,
     )
+}
+
+/// Displays an error with its sources (`a: b: c`): hyper's top-level
+/// messages ("client error (Connect)") say little on their own.
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
 }
 
 fn count_upstream_error(gw: &Gateway, route: &Route, kind: &'static str) {
@@ -400,7 +454,8 @@ fn logging(
     gw.metrics
         .requests
         .get_or_create(&RequestLabels {
-            route: out.route,
+            route: out.route.0,
+            product: out.route.1,
             outcome: out.outcome,
             status: out.status,
         })
@@ -413,7 +468,7 @@ fn logging(
         client_ip = %out.client_ip,
         method = %method,
         path,
-        route = out.route,
+        route = out.route.0,
         status = out.status,
         outcome = out.outcome,
         tenant = out.grant.map_or("", |g| &*g.tenant.id),

@@ -1,0 +1,662 @@
+//! Operations: TLS, https upstreams, limits and timeouts, reload under load,
+//! upstream pools, graceful shutdown and the access log.
+
+mod support;
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use support::*;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+struct Cert {
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn make_cert() -> Cert {
+    let c =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    Cert {
+        cert_pem: c.cert.pem(),
+        key_pem: c.signing_key.serialize_pem(),
+    }
+}
+
+/// A private CA and a `localhost` certificate it signed: `(ca_pem, leaf)`.
+fn make_ca_signed() -> (String, Cert) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "tollgate test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    (
+        ca_cert.pem(),
+        Cert {
+            cert_pem: leaf.pem(),
+            key_pem: leaf_key.serialize_pem(),
+        },
+    )
+}
+
+fn tls_client(root_pem: &str, gw: &TestGateway) -> reqwest::Client {
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(root_pem.as_bytes()).unwrap())
+        .resolve("localhost", gw.public)
+        .tls_built_in_root_certs(false)
+        .no_proxy()
+        .build()
+        .unwrap()
+}
+
+async fn setup_token(gw: &TestGateway) -> String {
+    gw.tenant("acme", &["crm", "messaging", "marketing"], 1)
+        .await;
+    gw.token("acme", &["127.0.0.1"]).await.1
+}
+
+#[tokio::test]
+async fn tls_listener_serves_http1_and_h2_and_swaps_its_certificate_on_reload() {
+    let b = Backends::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = make_cert();
+    let cert = dir.path().join("gw.pem");
+    let key = dir.path().join("gw.key");
+    std::fs::write(&cert, &first.cert_pem).unwrap();
+    std::fs::write(&key, &first.key_pem).unwrap();
+    let extra = format!(
+        "[listen.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let text = config_text(&b, &dir.path().join("t.db"), &extra);
+    let gw = TestGateway::start_text(dir, &text).await;
+    let secret = setup_token(&gw).await;
+    let url = format!("https://localhost:{}/crm/x", gw.public.port());
+
+    let client = tls_client(&first.cert_pem, &gw);
+    let r = client.get(&url).bearer_auth(&secret).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2, "ALPN should pick h2");
+    let seen = b.crm.seen();
+    assert_eq!(seen.last().unwrap().headers["x-forwarded-proto"], "https");
+
+    let h1 = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(first.cert_pem.as_bytes()).unwrap())
+        .resolve("localhost", gw.public)
+        .http1_only()
+        .build()
+        .unwrap();
+    let r = h1.get(&url).bearer_auth(&secret).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    let plain = raw(
+        "127.0.0.1",
+        gw.public,
+        b"GET /crm/x HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_millis(500),
+    )
+    .await;
+    assert!(!plain.starts_with("HTTP/1.1 200"), "{plain}");
+
+    // New certificate, reload: new connections get it.
+    let second = make_cert();
+    std::fs::write(&cert, &second.cert_pem).unwrap();
+    std::fs::write(&key, &second.key_pem).unwrap();
+    let (s, v) = gw.admin("POST", "/v1/reload", None).await;
+    assert_eq!(s, 200, "{v}");
+    let fresh_new = tls_client(&second.cert_pem, &gw);
+    let r = fresh_new
+        .get(&url)
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let fresh_old = tls_client(&first.cert_pem, &gw);
+    assert!(
+        fresh_old
+            .get(&url)
+            .bearer_auth(&secret)
+            .send()
+            .await
+            .is_err(),
+        "old certificate still served"
+    );
+    gw.stop().await;
+}
+
+/// An https upstream with its own self-signed certificate.
+async fn tls_upstream(cert: &Cert) -> std::net::SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    let certs =
+        vec![rustls::pki_types::CertificateDer::from_pem_slice(cert.cert_pem.as_bytes()).unwrap()];
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 4096];
+                let _ = tls.read(&mut buf).await;
+                let body = "{\"upstream\":\"tls\"}";
+                let resp = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let _ = tls.write_all(resp.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn https_upstream_is_verified_against_the_route_ca_file() {
+    let b = Backends::start().await;
+    let (ca_pem, up_cert) = make_ca_signed();
+    let up = tls_upstream(&up_cert).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &ca_pem).unwrap();
+    let mut text = config_text(&b, &dir.path().join("t.db"), "");
+    text.push_str(&format!(
+        "[[route]]\nprefix = \"/secure/\"\nproduct = \"crm\"\nupstream = \"https://localhost:{}\"\nca_file = \"{}\"\n\
+         [[route]]\nprefix = \"/untrusted/\"\nproduct = \"crm\"\nupstream = \"https://localhost:{}\"\n",
+        up.port(),
+        ca.display(),
+        up.port()
+    ));
+    let gw = TestGateway::start_text(dir, &text).await;
+    let secret = setup_token(&gw).await;
+    let g = get("127.0.0.1", &gw.url("/secure/x"), Some(&secret)).await;
+    assert_eq!(g.status, 200, "{}", g.text);
+    assert_eq!(g.body["upstream"], "tls");
+    // Without the CA file the certificate is not trusted: 502.
+    let g = get("127.0.0.1", &gw.url("/untrusted/x"), Some(&secret)).await;
+    assert_error(&g, 502, "upstream_unavailable");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn request_head_over_max_header_bytes_gets_431() {
+    let b = Backends::start().await;
+    let gw = TestGateway::start(&b, "[limits]\nmax_header_bytes = 16384\n").await;
+    let secret = setup_token(&gw).await;
+    let big = "a".repeat(20_000);
+    let req = format!(
+        "GET /crm/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\nX-Big: {big}\r\n\r\n"
+    );
+    let out = raw(
+        "127.0.0.1",
+        gw.public,
+        req.as_bytes(),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    assert_eq!(b.total(), 0);
+    // Under the limit is fine.
+    let ok = format!("GET /crm/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\nX-Big: {}\r\nConnection: close\r\n\r\n", "a".repeat(8000));
+    let out = raw(
+        "127.0.0.1",
+        gw.public,
+        ok.as_bytes(),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    gw.stop().await;
+}
+
+/// Reads until EOF or `limit`; returns whether the server closed.
+async fn closed_by_server(s: &mut tokio::net::TcpStream, limit: Duration) -> (bool, String) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (true, String::from_utf8_lossy(&out).into()),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (false, String::from_utf8_lossy(&out).into()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn slowloris_client_is_cut_at_header_read_timeout() {
+    let b = Backends::start().await;
+    let gw = TestGateway::start(&b, "[limits]\nheader_read_timeout = \"300ms\"\n").await;
+    let mut s = connect_from("127.0.0.1", gw.public).await;
+    s.write_all(b"GET /crm/x HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Trickle one header byte now and then, never finishing the head.
+    let mut closed = false;
+    for _ in 0..50 {
+        if s.write_all(b"X").await.is_err() {
+            closed = true;
+            break;
+        }
+        let (c, _) = closed_by_server(&mut s, Duration::from_millis(100)).await;
+        if c {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "connection still open after 5 s of trickling");
+    assert_eq!(b.total(), 0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connection_is_closed_at_idle_timeout() {
+    let b = Backends::start().await;
+    let gw = TestGateway::start(&b, "[limits]\nidle_timeout = \"300ms\"\n").await;
+    let secret = setup_token(&gw).await;
+    let mut s = connect_from("127.0.0.1", gw.public).await;
+    let req = format!("GET /crm/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let (closed, _) = closed_by_server(&mut s, Duration::from_secs(10)).await;
+    assert!(closed, "idle connection was not closed");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn connections_over_max_connections_wait_in_the_accept_queue() {
+    let b = Backends::start().await;
+    let gw = TestGateway::start(&b, "[limits]\nmax_connections = 1\n").await;
+    let secret = setup_token(&gw).await;
+    let req = format!("GET /crm/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\n\r\n");
+    let mut first = connect_from("127.0.0.1", gw.public).await;
+    first.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 4096];
+    let n = first.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // The first connection stays open: the second is accepted by the
+    // kernel but not served yet.
+    let mut second = connect_from("127.0.0.1", gw.public).await;
+    second.write_all(req.as_bytes()).await.unwrap();
+    let waited = tokio::time::timeout(Duration::from_millis(500), second.read(&mut buf)).await;
+    assert!(
+        waited.is_err(),
+        "second connection was served while the first held the only slot"
+    );
+    drop(first);
+    let n = tokio::time::timeout(Duration::from_secs(10), second.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn hundred_reloads_under_sustained_load_fail_no_request() {
+    let b = Backends::start().await;
+    let gw = TestGateway::start(&b, "").await;
+    let secret = setup_token(&gw).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let url = gw.url("/crm/load");
+        let secret = secret.clone();
+        let stop = Arc::clone(&stop);
+        workers.push(tokio::spawn(async move {
+            let client = client_from("127.0.0.1");
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client.get(&url).bearer_auth(&secret).send().await {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    Ok(r) => failed.push(r.status().to_string()),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let original = std::fs::read_to_string(&gw.config_path).unwrap();
+    for i in 0..100 {
+        // Alternate a value that matters to requests (timeouts) and one
+        // that does not, so each reload really swaps something.
+        let text = original.replace(
+            "[admin]",
+            &format!("[limits]\nupstream_timeout = \"{}s\"\n[admin]", 10 + i % 3),
+        );
+        std::fs::write(&gw.config_path, text).unwrap();
+        if i % 2 == 0 {
+            let (s, v) = gw.admin("POST", "/v1/reload", None).await;
+            assert_eq!(s, 200, "{v}");
+        } else {
+            gw.gateway().reload().unwrap();
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for w in workers {
+        let (ok, failed) = w.await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "failed requests during reloads: {failed:?}"
+        );
+        total += ok;
+    }
+    assert!(total > 0);
+    let metrics = reqwest::get(gw.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_config_reloads_total{result=\"ok\"} 100"),
+        "{metrics}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_reload_is_refused_whole_and_the_running_config_stays() {
+    let b = Backends::start().await;
+    let gw = TestGateway::start(&b, "").await;
+    let secret = setup_token(&gw).await;
+    let original = std::fs::read_to_string(&gw.config_path).unwrap();
+    // A valid change (route /crm/ removed) plus a bad value: nothing applies.
+    let broken = original
+        .replace("prefix = \"/crm/\"", "prefix = \"/crm2/\"")
+        .replace("[admin]", "[limits]\nidle_timeout = \"soon\"\n[admin]");
+    std::fs::write(&gw.config_path, broken).unwrap();
+    let (s, v) = gw.admin("POST", "/v1/reload", None).await;
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_config");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.idle_timeout"),
+        "{v}"
+    );
+    let g = get("127.0.0.1", &gw.url("/crm/x"), Some(&secret)).await;
+    assert_eq!(g.status, 200);
+    let metrics = reqwest::get(gw.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_config_reloads_total{result=\"error\"} 1"),
+        "{metrics}"
+    );
+    // Unknown keys are refused too.
+    std::fs::write(
+        &gw.config_path,
+        format!("{original}\n[limits]\nidle_timout = \"1s\"\n"),
+    )
+    .unwrap();
+    let (s, _) = gw.admin("POST", "/v1/reload", None).await;
+    assert_eq!(s, 422);
+    // A listener change is reported as needing a restart, not half-applied.
+    std::fs::write(
+        &gw.config_path,
+        original.replace("admin = \"127.0.0.1:0\"", "admin = \"127.0.0.1:1\""),
+    )
+    .unwrap();
+    let (s, v) = gw.admin("POST", "/v1/reload", None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["restart_needed"], json!(["listen.admin"]));
+    let (s, _) = gw.admin("GET", "/v1/tenants", None).await;
+    assert_eq!(s, 200, "admin listener must stay where it is");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_upstream_in_a_pool_fails_no_request() {
+    let b = Backends::start().await;
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&b, &dir.path().join("t.db"), "").replace(
+        &format!("upstream = \"{}\"", b.crm.url()),
+        &format!("upstream = [\"{dead}\", \"{}\"]", b.crm.url()),
+    );
+    let gw = TestGateway::start_text(dir, &text).await;
+    let secret = setup_token(&gw).await;
+    for _ in 0..20 {
+        let g = get("127.0.0.1", &gw.url("/crm/x"), Some(&secret)).await;
+        assert_eq!(g.status, 200, "{}", g.text);
+    }
+    assert_eq!(b.crm.count(), 20);
+    let metrics = reqwest::get(gw.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_upstream_errors_total{route=\"/crm/\",kind=\"connect\"} 1"),
+        "{metrics}"
+    );
+    gw.stop().await;
+}
+
+/// Starts the real binary on `config` and waits for its listening line.
+async fn spawn_binary(
+    config: &std::path::Path,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    serde_json::Value,
+) {
+    let mut child = tokio::process::Command::new(bin())
+        .args(["run", "--config"])
+        .arg(config)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let listening = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let line = lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("exited before listening");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["message"] == "listening" {
+                return v;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    (child, lines, listening)
+}
+
+fn binary_config(b: &Backends, dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    let text = config_text(b, &dir.join("t.db"), extra)
+        .replace(
+            "public = \"127.0.0.1:0\"",
+            &format!("public = \"127.0.0.1:{}\"", free_port()),
+        )
+        .replace(
+            "admin = \"127.0.0.1:0\"",
+            &format!("admin = \"127.0.0.1:{}\"", free_port()),
+        );
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
+    let slow = Upstream::start_with_delay("crm", Duration::from_millis(1500)).await;
+    let b = Backends {
+        crm: slow,
+        messaging: Upstream::start("messaging").await,
+        marketing: Upstream::start("marketing").await,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = binary_config(&b, dir.path(), "");
+    let (mut child, _lines, listening) = spawn_binary(&config).await;
+    let admin: std::net::SocketAddr = listening["admin"].as_str().unwrap().parse().unwrap();
+    let public: std::net::SocketAddr = listening["public"].as_str().unwrap().parse().unwrap();
+    let (s, _) = admin_call(
+        admin,
+        "POST",
+        "/v1/tenants",
+        Some(json!({"id": "acme", "products": ["crm"]})),
+        Some(ADMIN_KEY),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (s, v) = admin_call(
+        admin,
+        "POST",
+        "/v1/tenants/acme/tokens",
+        Some(json!({"ip_allowlist": ["127.0.0.1"]})),
+        Some(ADMIN_KEY),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let secret = v["token"].as_str().unwrap().to_string();
+    let url = format!("http://{public}/crm/slow");
+    let in_flight = tokio::spawn(async move { get("127.0.0.1", &url, Some(&secret)).await.status });
+    // Wait until the upstream has the request, then SIGTERM.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while b.crm.count() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(in_flight.await.unwrap(), 200);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn access_log_is_one_json_line_per_request_without_secrets() {
+    let b = Backends::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = binary_config(&b, dir.path(), "");
+    let (mut child, mut lines, listening) = spawn_binary(&config).await;
+    assert!(listening["public"].is_string() && listening["admin"].is_string());
+    let admin: std::net::SocketAddr = listening["admin"].as_str().unwrap().parse().unwrap();
+    let public: std::net::SocketAddr = listening["public"].as_str().unwrap().parse().unwrap();
+    admin_call(
+        admin,
+        "POST",
+        "/v1/tenants",
+        Some(json!({"id": "acme", "products": ["crm"]})),
+        Some(ADMIN_KEY),
+    )
+    .await;
+    let (_, v) = admin_call(
+        admin,
+        "POST",
+        "/v1/tenants/acme/tokens",
+        Some(json!({"ip_allowlist": ["127.0.0.1"]})),
+        Some(ADMIN_KEY),
+    )
+    .await;
+    let secret = v["token"].as_str().unwrap().to_string();
+    let token_id = v["id"].as_str().unwrap().to_string();
+    let g = get(
+        "127.0.0.1",
+        &format!("http://{public}/crm/v1/x?q=1"),
+        Some(&secret),
+    )
+    .await;
+    assert_eq!(g.status, 200);
+    let g = get(
+        "127.0.0.2",
+        &format!("http://{public}/crm/v1/x"),
+        Some(&secret),
+    )
+    .await;
+    assert_eq!(g.status, 403);
+    let mut access = Vec::new();
+    let mut all = String::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while access.len() < 2 {
+            let line = lines.next_line().await.unwrap().unwrap();
+            all.push_str(&line);
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if v["target"] == "access" {
+                access.push(v);
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let _ = child.kill().await;
+    assert!(!all.contains(&secret), "a token secret reached the log");
+    let a = &access[0];
+    for field in [
+        "ts",
+        "request_id",
+        "client_ip",
+        "method",
+        "path",
+        "route",
+        "status",
+        "outcome",
+        "tenant",
+        "token_id",
+        "duration_ms",
+        "upstream_ms",
+    ] {
+        assert!(!a[field].is_null(), "access log lacks {field}: {a}");
+    }
+    assert_eq!(a["status"], 200);
+    assert_eq!(a["outcome"], "forwarded");
+    assert_eq!(a["tenant"], "acme");
+    assert_eq!(a["token_id"], token_id.as_str());
+    assert_eq!(a["path"], "/crm/v1/x");
+    assert_eq!(a["route"], "/crm/");
+    assert_eq!(access[1]["outcome"], "ip_not_allowed");
+    assert_eq!(access[1]["client_ip"], "127.0.0.2");
+    assert_eq!(access[1]["status"], 403);
+}
