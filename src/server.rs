@@ -274,12 +274,21 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Handle>
     });
 
     let shutdown = CancellationToken::new();
+    // The admin listener outlives the public one's drain, so probes and
+    // metrics stay reachable while in-flight requests finish.
+    let admin_stop = CancellationToken::new();
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(crate::admin::serve(
         admin,
         Arc::clone(&gw),
-        shutdown.clone(),
+        admin_stop.clone(),
     )));
+    // Draining: `/readyz` turns 503 so load balancers stop sending traffic.
+    let (gw2, stop) = (Arc::clone(&gw), shutdown.clone());
+    tasks.push(tokio::spawn(async move {
+        stop.cancelled().await;
+        gw2.ready.store(false, Ordering::Release);
+    }));
 
     // Load everything before taking traffic. A store that follows changes
     // (Redis) loads in its sync task and retries until it can: the
@@ -310,12 +319,16 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Handle>
     tasks.push(tokio::spawn(async move {
         tokio::select! {
             _ = gw2.sync.wait_first_sync() => {}
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => {
+                admin_stop.cancel();
+                return;
+            }
         }
         if !gw2.ready.swap(true, Ordering::AcqRel) {
             tracing::info!("store loaded; ready");
         }
         crate::proxy::listener::serve(public, gw2, stop).await;
+        admin_stop.cancel();
     }));
     tasks.push(tokio::spawn(crate::shutdown::on_hangup(
         Arc::clone(&gw),
