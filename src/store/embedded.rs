@@ -276,12 +276,30 @@ impl Store for EmbeddedStore {
     }
 
     async fn list_tokens(&self, tenant: &str) -> Result<Vec<Token>, StoreError> {
+        // A read transaction: listing must not queue behind writers or
+        // commit (fsync) anything.
         let tenant = tenant.to_string();
-        self.write(move |tx| {
-            if read_tenant(tx, &tenant)?.is_none() {
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(err)?;
+            if tx
+                .open_table(TENANTS)
+                .map_err(err)?
+                .get(tenant.as_str())
+                .map_err(err)?
+                .is_none()
+            {
                 return Err(StoreError::TenantNotFound(tenant.clone()));
             }
-            tenant_tokens(tx, &tenant)
+            let idx = tx.open_multimap_table(TENANT_TOKENS).map_err(err)?;
+            let tokens = tx.open_table(TOKENS).map_err(err)?;
+            let mut out = Vec::new();
+            for id in idx.get(tenant.as_str()).map_err(err)? {
+                let id = id.map_err(err)?;
+                if let Some(v) = tokens.get(id.value()).map_err(err)? {
+                    out.push(decode(v.value())?);
+                }
+            }
+            Ok(out)
         })
         .await
     }
