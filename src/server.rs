@@ -124,8 +124,26 @@ impl Gateway {
     }
 
     /// Re-reads the config file, validates it and swaps it in. Returns the
-    /// changed keys that only take effect after a restart.
+    /// changed keys that only take effect after a restart. On any error the
+    /// running config stays; the error is logged and counted here.
     pub fn reload(&self) -> Result<Vec<&'static str>, ConfigError> {
+        let result = self.try_reload();
+        let label = ResultLabels {
+            result: if result.is_ok() { "ok" } else { "error" },
+        };
+        self.metrics.reloads.get_or_create(&label).inc();
+        match &result {
+            Ok(_) => tracing::info!("config reloaded"),
+            Err(e) => {
+                for p in &e.problems {
+                    tracing::error!(key = %p.key, line = p.line, problem = %p.message, "config reload refused; the running config stays");
+                }
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self) -> Result<Vec<&'static str>, ConfigError> {
         let Some(path) = &self.config_path else {
             return Err(ConfigError {
                 problems: vec![crate::config::ConfigProblem {
@@ -135,19 +153,7 @@ impl Gateway {
                 }],
             });
         };
-        let next = match Config::load(path) {
-            Ok(c) => c,
-            Err(e) => {
-                self.metrics
-                    .reloads
-                    .get_or_create(&ResultLabels { result: "error" })
-                    .inc();
-                for p in &e.problems {
-                    tracing::error!(key = %p.key, line = p.line, problem = %p.message, "config reload refused; the running config stays");
-                }
-                return Err(e);
-            }
-        };
+        let next = Config::load(path)?;
         let current = self.runtime.load_full();
         let restart = current.config.restart_needed(&next);
         if !restart.is_empty() {
@@ -165,28 +171,11 @@ impl Gateway {
         next.limits.max_connections = current.config.limits.max_connections;
         next.log_format = current.config.log_format;
         let level = next.log_level.clone();
-        let runtime = match Runtime::build(next, Some(&current)) {
-            Ok(r) => r,
-            Err(e) => {
-                self.metrics
-                    .reloads
-                    .get_or_create(&ResultLabels { result: "error" })
-                    .inc();
-                for p in &e.problems {
-                    tracing::error!(key = %p.key, problem = %p.message, "config reload refused; the running config stays");
-                }
-                return Err(e);
-            }
-        };
+        let runtime = Runtime::build(next, Some(&current))?;
         if let Some(log) = &self.log {
             log.set_level(&level);
         }
         self.runtime.store(Arc::new(runtime));
-        self.metrics
-            .reloads
-            .get_or_create(&ResultLabels { result: "ok" })
-            .inc();
-        tracing::info!("config reloaded");
         Ok(restart)
     }
 }

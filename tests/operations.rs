@@ -371,12 +371,7 @@ async fn hundred_reloads_under_sustained_load_fail_no_request() {
         total += ok;
     }
     assert!(total > 0);
-    let metrics = reqwest::get(gw.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains("tollgate_config_reloads_total{result=\"ok\"} 100"),
         "{metrics}"
@@ -407,12 +402,7 @@ async fn invalid_reload_is_refused_whole_and_the_running_config_stays() {
     );
     let g = get("127.0.0.1", &gw.url("/crm/x"), Some(&secret)).await;
     assert_eq!(g.status, 200);
-    let metrics = reqwest::get(gw.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains("tollgate_config_reloads_total{result=\"error\"} 1"),
         "{metrics}"
@@ -455,12 +445,7 @@ async fn a_dead_upstream_in_a_pool_fails_no_request() {
         assert_eq!(g.status, 200, "{}", g.text);
     }
     assert_eq!(b.crm.count(), 20);
-    let metrics = reqwest::get(gw.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains("tollgate_upstream_errors_total{route=\"/crm/\",kind=\"connect\"} 1"),
         "{metrics}"

@@ -217,6 +217,16 @@ impl TestGateway {
         format!("http://{}{}", self.admin, path)
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.admin_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn gateway(&self) -> &tollgate::server::Gateway {
         &self.handle.as_ref().unwrap().gateway
     }
