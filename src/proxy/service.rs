@@ -339,6 +339,17 @@ async fn forward_request(
             None,
         );
     };
+    // HTTP/2 carries the host in :authority, not in a Host header; give it
+    // the same treatment (it becomes X-Forwarded-Host).
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(host) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(header::HOST, host);
+        }
+    }
     parts.uri = uri;
     parts.version = Version::HTTP_11;
     forward::upstream_request_headers(
