@@ -645,3 +645,40 @@ async fn access_log_is_one_json_line_per_request_without_secrets() {
     assert_eq!(access[1]["client_ip"], "127.0.0.2");
     assert_eq!(access[1]["status"], 403);
 }
+
+#[tokio::test]
+async fn upstream_that_never_completes_the_connect_gets_502_at_connect_timeout() {
+    // A listener that never accepts, with its backlog filled: the kernel
+    // drops further SYNs, so a connect hangs until the gateway gives up.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let blackhole = sock.listen(1).unwrap();
+    let addr = blackhole.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_millis(200), s.connect(addr)).await {
+            fillers.push(c);
+        }
+    }
+    let b = Backends::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(
+        &b,
+        &dir.path().join("t.db"),
+        "[limits]\nupstream_connect_timeout = \"200ms\"\nupstream_timeout = \"20s\"\n",
+    )
+    .replace(&b.crm.url(), &format!("http://{addr}"));
+    let gw = TestGateway::start_text(dir, &text).await;
+    let secret = setup_token(&gw).await;
+    let g = get("127.0.0.1", &gw.url("/crm/x"), Some(&secret)).await;
+    assert_error(&g, 502, "upstream_unavailable");
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains("tollgate_upstream_errors_total{route=\"/crm/\",kind=\"connect\"} 1"),
+        "{metrics}"
+    );
+    drop(fillers);
+    drop(blackhole);
+    gw.stop().await;
+}
