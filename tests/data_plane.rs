@@ -795,7 +795,10 @@ async fn http2_prior_knowledge_clients_are_served() {
     assert_eq!(seen[0].body_len, 7);
     assert_eq!(seen[0].headers["x-forwarded-for"], "127.0.0.2");
     // The h2 :authority travels as X-Forwarded-Host, like an h1 Host.
-    assert_eq!(seen[0].headers["x-forwarded-host"], gw.public.to_string().as_str());
+    assert_eq!(
+        seen[0].headers["x-forwarded-host"],
+        gw.public.to_string().as_str()
+    );
     assert_eq!(seen[0].version, http::Version::HTTP_11);
     // Rejections over h2 have the same shape.
     let resp = client.get(gw.url("/crm/x")).send().await.unwrap();
