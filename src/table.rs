@@ -241,6 +241,18 @@ impl TokenTable {
         for t in tokens {
             self.upsert_token(t);
         }
+        self.retain_only(&tenant_ids, &token_ids);
+    }
+
+    /// Removes every token and tenant whose id is not in these sets. With
+    /// [`TokenTable::apply`] for each record, this is [`TokenTable::replace_all`]
+    /// in batches: a store that streams a full resync upserts as it reads and
+    /// calls this with every id it saw, never holding the whole snapshot.
+    pub fn retain_only(
+        &self,
+        tenant_ids: &std::collections::HashSet<String>,
+        token_ids: &std::collections::HashSet<String>,
+    ) {
         let stale_tokens: Vec<Arc<str>> = self
             .inner
             .by_id

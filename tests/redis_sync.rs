@@ -587,3 +587,63 @@ async fn export_import_round_trips_embedded_to_redis_and_back() {
     assert_eq!(normalize(&first), normalize(&second));
     assert_eq!(normalize(&first), normalize(&third));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_feed_position_was_trimmed_reloads_everything_on_reconnect() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(redis.addr()).await;
+    let b = Backends::start().await;
+    let a = gateway_on(&b, &redis.url()).await;
+    let cut = gateway_on(&b, &relay.url()).await;
+    wait_ready(&a).await;
+    wait_ready(&cut).await;
+    a.tenant("acme", &["crm"], 5).await;
+    a.tenant("gone", &["crm"], 5).await;
+    let (id1, s1) = a.token("acme", &["127.0.0.1"]).await;
+    let (_, s_gone) = a.token("gone", &["127.0.0.1"]).await;
+    wait_status(
+        &cut,
+        "/crm/x",
+        &s_gone,
+        200,
+        "the instance knows both tokens",
+    )
+    .await;
+    wait_status(&cut, "/crm/x", &s1, 200, "the instance knows both tokens").await;
+
+    relay.cut();
+    eventually(SOON, "the cut-off instance notices", || async {
+        !store_connected(&cut).await
+    })
+    .await;
+    let (s, _) = a.admin("DELETE", &format!("/v1/tokens/{id1}"), None).await;
+    assert_eq!(s, 204);
+    let (s, _) = a.admin("DELETE", "/v1/tenants/gone", None).await;
+    assert_eq!(s, 204);
+    let (_, s2) = a.token("acme", &["127.0.0.1"]).await;
+    // The feed loses those events (as MAXLEN trimming would after a long
+    // partition): only a full reload can bring the instance up to date.
+    let mut con = redis.connection();
+    let _: i64 = ::redis::cmd("XTRIM")
+        .arg("tg:changes")
+        .arg("MAXLEN")
+        .arg(0)
+        .query(&mut con)
+        .unwrap();
+
+    relay.restore();
+    wait_status(&cut, "/crm/x", &s1, 401, "the revoke arrives by reload").await;
+    wait_status(
+        &cut,
+        "/crm/x",
+        &s_gone,
+        401,
+        "the deleted tenant's token is pruned",
+    )
+    .await;
+    wait_status(&cut, "/crm/x", &s2, 200, "the new token arrives by reload").await;
+    assert_eq!(cut.gateway().table.tenants(), 1);
+    // And the feed is followed again afterwards.
+    let (_, s3) = a.token("acme", &["127.0.0.1"]).await;
+    wait_status(&cut, "/crm/x", &s3, 200, "later changes follow the feed").await;
+}

@@ -32,8 +32,10 @@
 //!
 //! # Following changes
 //!
-//! [`Store::spawn_sync`] loads everything (`SCAN` + pipelined `HGETALL`),
-//! remembering the stream position taken *before* the scan, then reads the
+//! [`Store::spawn_sync`] loads everything (`SCAN` + pipelined `HGETALL`,
+//! each batch applied to the table as it arrives, so the whole store is
+//! never held twice in memory), remembering the stream position taken
+//! *before* the scan, then reads the
 //! stream with `XREAD BLOCK` on its own connection. For each event it
 //! re-reads the record and applies it; the table ignores older versions, so
 //! replays and duplicates are harmless. After a dropped connection it
@@ -43,6 +45,7 @@
 //! feed, and rewinds the feed to its start position so nothing applied in
 //! between is lost.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -661,43 +664,98 @@ impl RedisStore {
         })
     }
 
-    /// Everything, read with `SCAN` and pipelined `HGETALL`s on `con`.
-    async fn scan_all(
+    /// Reads every tenant hash with `SCAN` and pipelined `HGETALL`s, handing
+    /// each to `each` as it arrives (so a million tokens are never held as
+    /// one snapshot). Each round trip carries one batch of `HGETALL`s and the
+    /// `SCAN` step for the next batch.
+    ///
+    /// `strict` (export, admin listings) fails on an undecodable record; the
+    /// follower skips it with an error log instead, so one bad record cannot
+    /// keep an instance from ever becoming ready.
+    async fn scan_each(
         &self,
-        con: &mut (impl redis::aio::ConnectionLike + Send),
-    ) -> Result<Snapshot, StoreError> {
+        con: &MultiplexedConnection,
+        strict: bool,
+        each: &mut (dyn FnMut(TenantHash) + Send),
+    ) -> Result<(), StoreError> {
         let pattern = self.keys.tenant_pattern();
-        let mut snap = Snapshot::default();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = call(
-                redis::cmd("SCAN")
+        // One round trip: this batch's HGETALLs, then the next SCAN step.
+        let fetch = |keys: &[String], cursor: u64| {
+            let mut pipe = redis::pipe();
+            for k in keys {
+                pipe.cmd("HGETALL").arg(k);
+            }
+            if cursor != 0 {
+                pipe.cmd("SCAN")
                     .arg(cursor)
                     .arg("MATCH")
                     .arg(&pattern)
                     .arg("COUNT")
-                    .arg(SCAN_BATCH)
-                    .query_async(con),
-            )
-            .await?;
-            if !keys.is_empty() {
-                let mut pipe = redis::pipe();
-                for k in &keys {
-                    pipe.cmd("HGETALL").arg(k);
+                    .arg(SCAN_BATCH);
+            }
+            let mut con = con.clone();
+            AbortOnDrop(tokio::spawn(async move {
+                call(pipe.query_async::<Vec<Value>>(&mut con)).await
+            }))
+        };
+        let parse_scan = |v: Value| -> Result<(u64, Vec<String>), StoreError> {
+            redis::from_redis_value(v)
+                .map_err(|e| unavailable(format!("redis: bad SCAN reply: {e}")))
+        };
+        // SCAN cursors start at 0 and a returned 0 means done: the first
+        // step is fetched alone.
+        let first: Value = call(
+            redis::cmd("SCAN")
+                .arg(0)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_BATCH)
+                .query_async(&mut con.clone()),
+        )
+        .await?;
+        let (mut cursor, mut keys) = parse_scan(first)?;
+        if keys.is_empty() && cursor == 0 {
+            return Ok(());
+        }
+        let mut inflight = Some(fetch(&keys, cursor));
+        // While Redis answers batch n+1, this task decodes and applies
+        // batch n.
+        while let Some(mut h) = inflight.take() {
+            let mut replies = (&mut h.0)
+                .await
+                .map_err(|e| unavailable(format!("redis load task: {e}")))??;
+            let batch_keys = std::mem::take(&mut keys);
+            if cursor != 0 {
+                let next = replies.pop().unwrap_or(Value::Nil);
+                (cursor, keys) = parse_scan(next)?;
+                if !keys.is_empty() || cursor != 0 {
+                    inflight = Some(fetch(&keys, cursor));
                 }
-                let hashes: Vec<Value> = call(pipe.query_async(con)).await?;
-                for h in hashes {
-                    if let Some(h) = parse_tenant_hash(h)? {
-                        snap.tenants.push(h.tenant);
-                        snap.tokens.extend(h.tokens);
+            }
+            for (h, key) in replies.into_iter().zip(&batch_keys) {
+                match parse_tenant_hash(h) {
+                    Ok(Some(h)) => each(h),
+                    Ok(None) => {}
+                    Err(e) if strict => return Err(e),
+                    Err(e) => {
+                        tracing::error!(key = %key, error = %e, "skipping an undecodable tenant hash")
                     }
                 }
             }
-            if next == 0 {
-                return Ok(snap);
-            }
-            cursor = next;
         }
+        Ok(())
+    }
+
+    /// Everything as one snapshot (export, admin listings).
+    async fn scan_all(&self, con: &MultiplexedConnection) -> Result<Snapshot, StoreError> {
+        let mut snap = Snapshot::default();
+        self.scan_each(con, true, &mut |h| {
+            snap.tenants.push(h.tenant);
+            snap.tokens.extend(h.tokens);
+        })
+        .await?;
+        Ok(snap)
     }
 
     /// Reads the current state of the records `events` name and applies it.
@@ -722,35 +780,71 @@ impl RedisStore {
         let values: Vec<Value> = call(pipe.query_async(con)).await?;
         for (e, v) in events.iter().zip(values) {
             let change = match (e.kind.as_str(), bytes_of(&v)) {
-                ("token", Some(b)) => Change::TokenUpserted(decode(b)?),
-                ("token", None) => Change::TokenRemoved(e.record.clone()),
-                (_, Some(b)) => Change::TenantUpserted(decode(b)?),
-                (_, None) => Change::TenantRemoved(e.record.clone()),
+                ("token", Some(b)) => decode(b).map(Change::TokenUpserted),
+                ("token", None) => Ok(Change::TokenRemoved(e.record.clone())),
+                (_, Some(b)) => decode(b).map(Change::TenantUpserted),
+                (_, None) => Ok(Change::TenantRemoved(e.record.clone())),
             };
-            table.apply(change);
+            match change {
+                Ok(c) => table.apply(c),
+                // Skipped, not retried forever: the next reconciliation
+                // logs it again.
+                Err(err) => {
+                    tracing::error!(record = %e.record, error = %err, "skipping an undecodable record from the change feed")
+                }
+            }
         }
         Ok(())
     }
 
-    /// Loads everything into `table` (replacing it); returns the stream
-    /// position the load is current from.
-    async fn full_reload(
+    /// Loads everything into `table` as it is read, then (if `prune`)
+    /// removes what Redis no longer has. Returns the stream position the
+    /// load is current from, and, unpruned, the ids it saw.
+    async fn load_into(
         &self,
         con: &mut MultiplexedConnection,
         table: &TokenTable,
+        prune: bool,
     ) -> Result<StreamId, StoreError> {
+        let (head, seen) = self.load_streaming(con, table, prune).await?;
+        if let Some((tenants, tokens)) = seen {
+            retain_only(table, tenants, tokens).await;
+        }
+        Ok(head)
+    }
+
+    /// The streaming part of [`RedisStore::load_into`]: upserts every record
+    /// and, if `collect`, returns the ids seen (for pruning later).
+    async fn load_streaming(
+        &self,
+        con: &mut MultiplexedConnection,
+        table: &TokenTable,
+        collect: bool,
+    ) -> Result<(StreamId, Option<SeenIds>), StoreError> {
         let started = Instant::now();
         let head = self.feed_head(con).await?;
-        let snap = self.scan_all(con).await?;
-        let (tenants, tokens) = (snap.tenants.len(), snap.tokens.len());
-        replace_all(table, snap).await;
+        let mut seen: SeenIds = Default::default();
+        let (mut tenants, mut tokens) = (0usize, 0usize);
+        self.scan_each(&*con, false, &mut |h| {
+            tenants += 1;
+            tokens += h.tokens.len();
+            if collect {
+                seen.0.insert(h.tenant.id.clone());
+                seen.1.extend(h.tokens.iter().map(|t| t.id.clone()));
+            }
+            table.apply(Change::TenantUpserted(h.tenant));
+            for t in h.tokens {
+                table.apply(Change::TokenUpserted(t));
+            }
+        })
+        .await?;
         tracing::info!(
             tenants,
             tokens,
             ms = started.elapsed().as_millis() as u64,
             "loaded tenants and tokens from redis"
         );
-        Ok(head)
+        Ok((head, collect.then_some(seen)))
     }
 
     /// Connects, loads or resumes, and follows the feed until a connection
@@ -773,7 +867,8 @@ impl RedisStore {
             if pos.is_some() {
                 tracing::warn!("change feed no longer holds our position; reloading everything");
             }
-            *pos = Some(self.full_reload(&mut feed, table).await?);
+            let prune = table.tenants() > 0;
+            *pos = Some(self.load_into(&mut feed, table, prune).await?);
         } else {
             tracing::info!("reconnected to redis; resuming the change feed");
         }
@@ -787,26 +882,29 @@ impl RedisStore {
 
         let mut every = RECONCILE_EVERY;
         let mut next_reconcile = Instant::now() + every;
-        let mut reconcile: Option<tokio::task::JoinHandle<Result<Reconciled, StoreError>>> = None;
+        // Aborted if we leave (connection lost) while it runs.
+        let mut reconcile: Option<AbortOnDrop<Result<Reconciled, StoreError>>> = None;
         let changes = self.keys.changes();
         loop {
             let at = pos.unwrap_or(StreamId::ZERO);
             if reconcile.is_none() && Instant::now() >= next_reconcile {
                 let me = Arc::clone(self);
-                reconcile = Some(tokio::spawn(async move {
-                    let started = Instant::now();
-                    let mut con = me.feed_connection().await?;
-                    me.measure_clock(&mut con).await?;
-                    let head = me.feed_head(&mut con).await?;
-                    let snap = me.scan_all(&mut con).await?;
-                    Ok((head, snap, started.elapsed()))
-                }));
+                reconcile = Some(AbortOnDrop(tokio::spawn({
+                    let table = table.clone();
+                    async move {
+                        let started = Instant::now();
+                        let mut con = me.feed_connection().await?;
+                        me.measure_clock(&mut con).await?;
+                        let (head, seen) = me.load_streaming(&mut con, &table, true).await?;
+                        Ok((head, seen.unwrap_or_default(), started.elapsed()))
+                    }
+                })));
             }
-            if reconcile.as_ref().is_some_and(|h| h.is_finished()) {
-                if let Some(h) = reconcile.take() {
-                    match h.await {
-                        Ok(Ok((head, snap, took))) => {
-                            replace_all(table, snap).await;
+            if reconcile.as_ref().is_some_and(|h| h.0.is_finished()) {
+                if let Some(mut h) = reconcile.take() {
+                    match (&mut h.0).await {
+                        Ok(Ok((head, (tenants, tokens), took))) => {
+                            retain_only(table, tenants, tokens).await;
                             // Replay what happened since the scan began, in
                             // case the snapshot missed it.
                             *pos = Some(head.min(at));
@@ -839,7 +937,7 @@ impl RedisStore {
                 *pos = Some(last);
                 if events.len() == FEED_BATCH && !self.feed_covers(&mut feed, last).await? {
                     tracing::warn!("fell behind the change feed; reloading everything");
-                    *pos = Some(self.full_reload(&mut feed, table).await?);
+                    *pos = Some(self.load_into(&mut feed, table, true).await?);
                 }
             }
             status.set_connected(true);
@@ -848,16 +946,28 @@ impl RedisStore {
     }
 }
 
-/// A finished background reconciliation: the stream position it is current
-/// from, what it read, and how long that took.
-type Reconciled = (StreamId, Snapshot, Duration);
+/// A task handle that aborts its task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
-/// `table.replace_all` off the async threads (it can take a while).
-async fn replace_all(table: &TokenTable, snap: Snapshot) {
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A finished background reconciliation: the stream position it is current
+/// from, the ids it saw, and how long it took.
+type Reconciled = (StreamId, SeenIds, Duration);
+
+/// Tenant and token ids seen by a full load.
+type SeenIds = (HashSet<String>, HashSet<String>);
+
+/// `table.retain_only` off the async threads (it walks the whole table).
+async fn retain_only(table: &TokenTable, tenants: HashSet<String>, tokens: HashSet<String>) {
     let t = table.clone();
-    let done = tokio::task::spawn_blocking(move || t.replace_all(snap.tenants, snap.tokens)).await;
+    let done = tokio::task::spawn_blocking(move || t.retain_only(&tenants, &tokens)).await;
     if let Err(e) = done {
-        tracing::error!(error = %e, "replacing the token table failed");
+        tracing::error!(error = %e, "pruning the token table failed");
     }
 }
 
@@ -881,8 +991,8 @@ impl Store for RedisStore {
     }
 
     async fn load_all(&self) -> Result<Snapshot, StoreError> {
-        let mut con = self.conn().await?;
-        let out = self.scan_all(&mut con).await;
+        let con = self.conn().await?;
+        let out = self.scan_all(&con).await;
         if out.is_err() {
             self.shared.retire();
         }
