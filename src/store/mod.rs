@@ -191,7 +191,7 @@ pub fn check_token_change(
     if before.is_some_and(|b| b.revoked_at.is_some()) {
         return Err(StoreError::TokenRevoked(after.id.clone()));
     }
-    let products_changed = before.map_or(true, |b| b.products != after.products);
+    let products_changed = before.is_none_or(|b| b.products != after.products);
     if let (true, Some(products)) = (products_changed, &after.products) {
         if let Some(p) = products.iter().find(|p| !tenant.products.contains(p)) {
             return Err(StoreError::ProductNotPurchased {
