@@ -682,3 +682,127 @@ async fn upstream_that_never_completes_the_connect_gets_502_at_connect_timeout()
     drop(blackhole);
     gw.stop().await;
 }
+
+/// Runs the binary with `extra` config and `rust_log`, makes one allowed
+/// request, and returns every stdout line up to and including the first
+/// line that mentions the request's path (or all lines after 3 s).
+async fn log_lines(extra: &str, rust_log: Option<&str>) -> Vec<String> {
+    let b = Backends::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = binary_config(&b, dir.path(), extra);
+    let mut cmd = tokio::process::Command::new(bin());
+    cmd.args(["run", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(l) = rust_log {
+        cmd.env("RUST_LOG", l);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let port = |key: &str| -> u16 {
+        let line = text.lines().find(|l| l.starts_with(key)).unwrap();
+        line.rsplit(':')
+            .next()
+            .unwrap()
+            .trim_end_matches('"')
+            .parse()
+            .unwrap()
+    };
+    let (public, admin) = (port("public"), port("admin"));
+    let admin: std::net::SocketAddr = ([127, 0, 0, 1], admin).into();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(admin).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gateway never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    admin_call(
+        admin,
+        "POST",
+        "/v1/tenants",
+        Some(json!({"id": "acme", "products": ["crm"]})),
+        Some(ADMIN_KEY),
+    )
+    .await;
+    let (_, v) = admin_call(
+        admin,
+        "POST",
+        "/v1/tenants/acme/tokens",
+        Some(json!({"ip_allowlist": ["127.0.0.1"]})),
+        Some(ADMIN_KEY),
+    )
+    .await;
+    let secret = v["token"].as_str().unwrap().to_string();
+    let g = get(
+        "127.0.0.1",
+        &format!("http://127.0.0.1:{public}/crm/log-probe"),
+        Some(&secret),
+    )
+    .await;
+    assert_eq!(g.status, 200);
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let done = line.contains("/crm/log-probe");
+            out.push(line);
+            if done {
+                break;
+            }
+        }
+    })
+    .await;
+    let _ = child.kill().await;
+    assert!(
+        out.iter().all(|l| !l.contains(&secret)),
+        "a secret reached the log"
+    );
+    out
+}
+
+#[tokio::test]
+async fn text_log_format_writes_key_value_lines() {
+    let lines = log_lines("[log]\nformat = \"text\"\n", None).await;
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("listening public=127.0.0.1:") && l.contains(" admin=127.0.0.1:")),
+        "{lines:?}"
+    );
+    let access = lines
+        .iter()
+        .find(|l| l.contains("/crm/log-probe"))
+        .expect("no access line");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(access).is_err(),
+        "text format wrote JSON: {access}"
+    );
+    for field in [
+        "request_id=",
+        "client_ip=127.0.0.1",
+        "status=200",
+        "outcome=\"forwarded\"",
+        "tenant=\"acme\"",
+        "token_id=\"tok_",
+    ] {
+        assert!(access.contains(field), "{field} missing in {access}");
+    }
+}
+
+#[tokio::test]
+async fn log_level_from_config_hides_access_lines_and_rust_log_wins() {
+    let quiet = log_lines("[log]\nlevel = \"warn\"\n", None).await;
+    assert!(
+        quiet.iter().all(|l| !l.contains("/crm/log-probe")),
+        "{quiet:?}"
+    );
+    let loud = log_lines("[log]\nlevel = \"warn\"\n", Some("info")).await;
+    assert!(
+        loud.iter().any(|l| l.contains("/crm/log-probe")),
+        "RUST_LOG=info did not win: {loud:?}"
+    );
+}
