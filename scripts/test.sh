@@ -34,5 +34,6 @@ else
 fi
 echo "==> deploy/ checks"
 cargo build --locked --bin tollgate
-TOLLGATE_BIN="$(pwd)/target/debug/tollgate" deploy/check.sh
+target_dir="${CARGO_TARGET_DIR:-$(pwd)/target}"
+TOLLGATE_BIN="$target_dir/debug/tollgate" deploy/check.sh
 echo "==> all tests passed"
