@@ -14,6 +14,11 @@
 //! `cargo bench --bench redis` (needs `redis-server` on PATH or in /usr/bin).
 //! `cargo test --benches` runs it with tiny sizes as a smoke test.
 
+// The allocator the gateway binary ships with (src/main.rs), so the load
+// and memory figures are the production ones.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
