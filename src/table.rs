@@ -52,7 +52,7 @@ pub struct Grant {
     /// `token_id` as a header value, built once.
     pub token_id_header: HeaderValue,
     pub tenant: Arc<TenantCell>,
-    pub allowlist: Box<[IpNet]>,
+    pub allowlist: Allowlist,
     /// `None`: all the tenant's products.
     pub products: Option<ProductList>,
     /// The token's expiry, or for a rotated-out secret the end of its grace.
@@ -78,11 +78,39 @@ impl Grant {
             token_id: "tok_test".into(),
             token_id_header: HeaderValue::from_static("tok_test"),
             tenant: Arc::new(TenantCell::new("t", Arc::new(Box::new([])))),
-            allowlist: allowlist.into_boxed_slice(),
+            allowlist: allowlist.into(),
             products: products.map(|p| Arc::new(p.into_boxed_slice())),
             expires_at: None,
             disabled: false,
             last_used: AtomicI64::new(0),
+        }
+    }
+}
+
+/// A token's allowlist. Most tokens have one entry; it lives inline in the
+/// grant, which saves an allocation per token and a dependent cache miss
+/// per decision (measured with `cargo bench --bench auth`).
+#[derive(Debug, Clone)]
+pub enum Allowlist {
+    One(IpNet),
+    Many(Box<[IpNet]>),
+}
+
+impl std::ops::Deref for Allowlist {
+    type Target = [IpNet];
+    fn deref(&self) -> &[IpNet] {
+        match self {
+            Allowlist::One(n) => std::slice::from_ref(n),
+            Allowlist::Many(list) => list,
+        }
+    }
+}
+
+impl From<Vec<IpNet>> for Allowlist {
+    fn from(v: Vec<IpNet>) -> Self {
+        match v.as_slice() {
+            [one] => Allowlist::One(*one),
+            _ => Allowlist::Many(v.into_boxed_slice()),
         }
     }
 }
@@ -375,7 +403,7 @@ impl TokenTable {
             token_id_header: HeaderValue::from_str(&t.id)
                 .unwrap_or(HeaderValue::from_static("invalid")),
             tenant: Arc::clone(&tenant),
-            allowlist: t.ip_allowlist.clone().into_boxed_slice(),
+            allowlist: Allowlist::from(t.ip_allowlist.clone()),
             products: products.clone(),
             expires_at,
             disabled: t.disabled,
