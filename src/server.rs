@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, StoreConfig};
 use crate::metrics::{Metrics, ResultLabels};
-use crate::proxy::forward::{self, UpstreamClient};
+use crate::proxy::forward::{ClientSet, UpstreamClient};
 use crate::store::{embedded::EmbeddedStore, redis::RedisStore, Store, SyncStatus};
 use crate::table::TokenTable;
 use crate::telemetry::LogHandle;
@@ -29,8 +29,8 @@ pub struct Runtime {
     pub config: Config,
     /// One client per route, indexed by `Route::index`; routes without a
     /// `ca_file` share the default client and its connection pool.
-    clients: Vec<UpstreamClient>,
-    default_client: UpstreamClient,
+    clients: Vec<ClientSet>,
+    default_client: ClientSet,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub http: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
 }
@@ -52,16 +52,16 @@ impl Runtime {
             Some(p) if p.config.limits.upstream_connect_timeout == timeout => {
                 p.default_client.clone()
             }
-            _ => forward::client(
+            _ => ClientSet::new(
                 timeout,
                 crate::tls::client_config(None).map_err(|e| problem("route".into(), e))?,
             ),
         };
-        let mut by_index: Vec<(usize, UpstreamClient)> = Vec::new();
+        let mut by_index: Vec<(usize, ClientSet)> = Vec::new();
         for r in config.routes.iter() {
             let client = match &r.ca_file {
                 None => default_client.clone(),
-                Some(ca) => forward::client(
+                Some(ca) => ClientSet::new(
                     timeout,
                     crate::tls::client_config(Some(ca))
                         .map_err(|e| problem(format!("route[{}].ca_file", r.index), e))?,
@@ -89,9 +89,9 @@ impl Runtime {
         })
     }
 
-    /// The client for a route's upstreams.
+    /// The calling worker's client for a route's upstreams.
     pub fn client_for(&self, route: &crate::proxy::route::Route) -> &UpstreamClient {
-        &self.clients[route.index]
+        self.clients[route.index].get()
     }
 }
 
@@ -323,7 +323,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Handle>
         Arc::clone(&gw),
         shutdown.clone(),
     )));
-    tracing::info!(public = %public_addr, admin = %admin_addr, "listening");
+    tracing::info!(public = %public_addr, admin = %admin_addr, workers = crate::proxy::listener::workers(), "listening");
     Ok(Handle {
         public_addr,
         admin_addr,

@@ -2,6 +2,7 @@
 //! requests on their way up and responses on their way down.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,9 +21,33 @@ pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
 /// The pooled HTTP(S) client for upstreams.
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
-/// Builds a client. Connections are kept alive and reused per upstream;
-/// `https://` upstreams are verified against `tls`'s roots.
-pub fn client(connect_timeout: Duration, tls: rustls::ClientConfig) -> UpstreamClient {
+/// One pooled client per data-plane worker (see
+/// [`crate::proxy::listener`]): a worker only uses connections it opened,
+/// whose tasks run on its own thread, so a request never wakes another
+/// thread to reach its upstream. Cloning shares the pools.
+#[derive(Clone)]
+pub struct ClientSet(Arc<[UpstreamClient]>);
+
+impl ClientSet {
+    /// Clients for [`super::listener::workers`] workers. Connections are
+    /// kept alive and reused per upstream; `https://` upstreams are
+    /// verified against `tls`'s roots.
+    pub fn new(connect_timeout: Duration, tls: rustls::ClientConfig) -> ClientSet {
+        ClientSet(
+            (0..super::listener::workers())
+                .map(|_| client(connect_timeout, tls.clone()))
+                .collect(),
+        )
+    }
+
+    /// The calling worker's client (the first one off the worker threads).
+    #[inline]
+    pub fn get(&self) -> &UpstreamClient {
+        &self.0[super::listener::current_worker() % self.0.len()]
+    }
+}
+
+fn client(connect_timeout: Duration, tls: rustls::ClientConfig) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(connect_timeout));
     http.set_nodelay(true);
