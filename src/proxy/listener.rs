@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::Request;
@@ -282,6 +282,10 @@ async fn drive<IO>(
     tokio::pin!(conn);
     let tick = (idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
     let mut closing = false;
+    let mut clock = IdleClock {
+        seen_ops: activity.ops.load(Ordering::Relaxed),
+        idle: Duration::ZERO,
+    };
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -295,7 +299,7 @@ async fn drive<IO>(
                 closing = true;
             }
             _ = tokio::time::sleep(tick), if !closing => {
-                if activity.idle_for() >= idle_timeout {
+                if clock.tick(&activity, tick) >= idle_timeout {
                     tracing::debug!(peer = %info.peer, "closing idle connection");
                     conn.as_mut().graceful_shutdown();
                     closing = true;
@@ -305,34 +309,42 @@ async fn drive<IO>(
     }
 }
 
-/// When a connection last moved bytes, and how many requests it is serving.
+/// Whether a connection is moving bytes or serving a request. Counts I/O
+/// completions rather than reading the clock on each: the idle check in
+/// [`drive`] compares the count between its ticks.
 #[derive(Default)]
 struct Activity {
-    /// Milliseconds since `EPOCH` of the last read or write.
-    last_ms: AtomicU64,
+    ops: AtomicU64,
     busy: AtomicUsize,
 }
 
-fn now_ms() -> u64 {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+impl Activity {
+    #[inline]
+    fn touch(&self) {
+        self.ops.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
-impl Activity {
-    fn touch(&self) {
-        let now = now_ms();
-        if self.last_ms.load(Ordering::Relaxed) != now {
-            self.last_ms.store(now, Ordering::Relaxed);
-        }
-    }
+/// Idle time of one connection, advanced by [`drive`]'s periodic tick: a
+/// tick with no I/O and no request in progress (a slow upstream is not
+/// idleness) adds its length; anything else resets it. A connection is
+/// closed between `idle_timeout` and `idle_timeout` + one tick after its
+/// last activity.
+struct IdleClock {
+    seen_ops: u64,
+    idle: Duration,
+}
 
-    /// How long the connection has been idle: no bytes and no request in
-    /// progress (a slow upstream is not idleness).
-    fn idle_for(&self) -> Duration {
-        if self.busy.load(Ordering::Relaxed) > 0 {
-            return Duration::ZERO;
+impl IdleClock {
+    fn tick(&mut self, activity: &Activity, tick: Duration) -> Duration {
+        let ops = activity.ops.load(Ordering::Relaxed);
+        if ops != self.seen_ops || activity.busy.load(Ordering::Relaxed) > 0 {
+            self.seen_ops = ops;
+            self.idle = Duration::ZERO;
+        } else {
+            self.idle += tick;
         }
-        Duration::from_millis(now_ms().saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+        self.idle
     }
 }
 
