@@ -462,15 +462,12 @@ fn logging(
     start: Instant,
 ) {
     let elapsed = start.elapsed().as_secs_f64();
-    gw.metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            route: out.route.0,
-            product: out.route.1,
-            outcome: out.outcome,
-            status: out.status,
-        })
-        .inc();
+    gw.metrics.count_request(RequestLabels {
+        route: out.route.0,
+        product: out.route.1,
+        outcome: out.outcome,
+        status: out.status,
+    });
     gw.metrics.request_duration.observe(elapsed);
     tracing::info!(
         target: "access",
