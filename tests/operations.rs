@@ -806,3 +806,27 @@ async fn log_level_from_config_hides_access_lines_and_rust_log_wins() {
         "RUST_LOG=info did not win: {loud:?}"
     );
 }
+
+/// The data-plane workers run on threads of their own. A gateway whose
+/// runtime goes away (a test ending, an embedding application shutting its
+/// runtime down) must not leave them accepting.
+#[test]
+fn workers_stop_when_the_runtime_that_started_the_gateway_is_dropped() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let public = rt.block_on(async {
+        let b = Backends::start().await;
+        let gw = TestGateway::start(&b, "").await;
+        let g = get("127.0.0.1", &gw.url("/crm/v1/contacts"), None).await;
+        assert_error(&g, 401, "missing_token");
+        gw.public
+    });
+    assert!(std::net::TcpStream::connect(public).is_ok());
+    drop(rt);
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(public).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{public} still accepts connections after its runtime was dropped");
+}

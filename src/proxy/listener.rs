@@ -92,9 +92,14 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, shutdown: Cancellati
         }
     };
     let max = gw.runtime.load().config.limits.max_connections;
+    // The workers live no longer than this future: if it is dropped (its
+    // runtime shut down, as at the end of a test), they stop at once.
+    let abandoned = CancellationToken::new();
+    let _abandon_on_drop = abandoned.clone().drop_guard();
     let shared = Shared {
         permits: Arc::new(Semaphore::new(max)),
         conns: TaskTracker::new(),
+        abandoned,
     };
     let mut done = Vec::new();
     for index in 0..workers() {
@@ -138,12 +143,14 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, shutdown: Cancellati
     }
 }
 
-/// What the workers share: the `max_connections` permits and the set of
-/// open connections (to wait for them at shutdown).
+/// What the workers share: the `max_connections` permits, the set of
+/// open connections (to wait for them at shutdown), and the signal that
+/// [`serve`] is gone.
 #[derive(Clone)]
 struct Shared {
     permits: Arc<Semaphore>,
     conns: TaskTracker,
+    abandoned: CancellationToken,
 }
 
 /// One worker: accepts until shutdown, then waits (bounded by
@@ -165,10 +172,12 @@ async fn worker(
     };
     loop {
         let permit = tokio::select! {
+            _ = shared.abandoned.cancelled() => return false,
             _ = shutdown.cancelled() => break,
             p = Arc::clone(&shared.permits).acquire_owned() => p.expect("semaphore never closed"),
         };
         let (stream, peer) = tokio::select! {
+            _ = shared.abandoned.cancelled() => return false,
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(c) => c,
