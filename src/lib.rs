@@ -19,6 +19,7 @@
 //! - [`demo`], [`client`]: the `demo` command and the admin client commands.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod auth;
 pub mod client;

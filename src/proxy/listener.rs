@@ -170,6 +170,29 @@ async fn worker(
             return true;
         }
     };
+    // Access lines are sent in batches: at 16 KiB, on this tick, and at
+    // the end (see `access_log`).
+    crate::access_log::batch_on_this_thread();
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            crate::access_log::flush_thread();
+        }
+    });
+    let drained = accept_and_drain(listener, gw, shutdown, shared).await;
+    crate::access_log::flush_thread();
+    drained
+}
+
+/// [`worker`]'s accept loop and drain.
+async fn accept_and_drain(
+    listener: TcpListener,
+    gw: Arc<Gateway>,
+    shutdown: CancellationToken,
+    shared: Shared,
+) -> bool {
     loop {
         let permit = tokio::select! {
             _ = shared.abandoned.cancelled() => return false,

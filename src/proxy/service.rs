@@ -469,19 +469,19 @@ fn logging(
         status: out.status,
     });
     gw.metrics.request_duration.observe(elapsed);
-    tracing::info!(
-        target: "access",
-        ts = %humantime::format_rfc3339_millis(std::time::SystemTime::now()),
-        request_id = request_id.to_str().unwrap_or(""),
-        client_ip = %out.client_ip,
-        method = %method,
-        path,
-        route = out.route.0,
-        status = out.status,
-        outcome = out.outcome,
-        tenant = out.grant.map_or("", |g| &*g.tenant.id),
-        token_id = out.grant.map_or("", |g| &*g.token_id),
-        duration_ms = elapsed * 1000.0,
-        upstream_ms = out.upstream_ms.unwrap_or(0.0),
-    );
+    if crate::access_log::enabled() {
+        crate::access_log::write(&crate::access_log::Entry {
+            request_id: request_id.to_str().unwrap_or(""),
+            client_ip: out.client_ip,
+            method: method.as_str(),
+            path,
+            route: out.route.0,
+            status: out.status,
+            outcome: out.outcome,
+            tenant: out.grant.map_or("", |g| &*g.tenant.id),
+            token_id: out.grant.map_or("", |g| &*g.token_id),
+            duration_ms: elapsed * 1000.0,
+            upstream_ms: out.upstream_ms.unwrap_or(0.0),
+        });
+    }
 }
