@@ -238,7 +238,7 @@ start_tollgate warn
 check direct $UP_PORT
 check nginx $NGINX_PORT
 check tollgate $TG_PORT
-echo "    tollgate worker threads: $(ls /proc/$TG_PID/task | wc -l) threads in all ($(grep -l tokio /proc/$TG_PID/task/*/comm 2>/dev/null | wc -l) tokio workers)"
+echo "    tollgate threads: $(ls /proc/$TG_PID/task | wc -l) in all, $(grep -l tollgate-worker /proc/$TG_PID/task/*/comm 2>/dev/null | wc -l) data-plane worker(s)"
 # Warm-up: fill both proxies' upstream pools.
 for p in $NGINX_PORT $TG_PORT; do
     taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d2s -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$p$URL_PATH" >/dev/null
