@@ -60,15 +60,24 @@
 //! tenant `Arc` instead, a locked increment on a line that just missed, was
 //! half the lookup's cost at 1M), so no lock or guard is held across an
 //! `.await`. Measured on the shared 2-core VM (medians of 3 interleaved
-//! runs, before → after): `auth/full_hit/10` 147 → 147 ns,
-//! `auth/full_hit/1M` 849 → 855 ns (unchanged: three dependent misses now,
-//! against six before, but the record and the index are both placed by hash
-//! while the old grants and tenants were read in allocation order, which
-//! the bench's sample follows), `auth/full_unknown/1M` 153 → 200 ns (the
-//! 16 MB index misses where hashbrown's 2 MB of control bytes mostly hit).
-//! Removing the tenant miss from hits would take the tenant's id and mask
-//! into the record (kept in sync on product changes), which does not fit
-//! in 128 bytes as laid out here.
+//! runs, old layout → this one):
+//!
+//! - `auth/full_hit/10` 147 → 147 ns;
+//! - `auth/full_hit/1M` 826-849 → 835-855 ns: unchanged. Three dependent
+//!   misses now against about six before, but that bench's sample follows
+//!   token creation order, and the old grants and tenant cells sat in
+//!   allocation order, so it read them nearly sequentially; records here
+//!   are placed by hash;
+//! - `piece/full_hit_1M_shuffled` (the same hits in random order) 1277 →
+//!   1006 ns, -21%;
+//! - `auth/full_unknown/1M` 152 → 159-200 ns: the 16 MB index misses where
+//!   hashbrown's 2 MB of control bytes mostly hit.
+//!
+//! Taking the tenant line out of hits too (a copy of the tenant's mask and
+//! short id in the record, checked against a table-wide tenant generation,
+//! with control-plane fields moved to a parallel array) was tried: +25
+//! B/token for 1-2% on `auth/full_hit/1M`, where tenant cells are read in
+//! allocation order; not kept.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hash, Hasher};
