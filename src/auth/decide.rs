@@ -1,11 +1,11 @@
-//! The authorization decision: a pure function of the grant, the tenant's
-//! products, the client IP, the route's product and the time. Everything the
+//! The authorization decision: a pure function of the grant (with its
+//! tenant's products), the client IP, the route's product and the time. Everything the
 //! data plane enforces after the token lookup lives here.
 
 use std::net::IpAddr;
 
 use crate::model::UnixTime;
-use crate::table::Grant;
+use crate::table::{Grant, Product};
 
 /// Why a known token may not pass. The order of the checks is the
 /// contract's: token state, then IP, then product.
@@ -20,24 +20,23 @@ pub enum Deny {
 /// Decides whether `grant` may call a route of `product` from `client_ip`
 /// at `now`. `client_ip` must already be unmapped (`::ffff:a.b.c.d` →
 /// `a.b.c.d`); see [`crate::proxy::client_ip`].
+/// The product must be bought by the tenant (now: read from the shared
+/// tenant) and granted to the token.
+#[inline]
 pub fn decide(
     grant: &Grant,
-    tenant_products: &[Box<str>],
     client_ip: IpAddr,
-    product: &str,
+    product: &Product,
     now: UnixTime,
 ) -> Result<(), Deny> {
     if grant.disabled || grant.expires_at.is_some_and(|e| e <= now) {
         return Err(Deny::InvalidToken);
     }
-    if !grant.allowlist.iter().any(|net| net.contains(&client_ip)) {
+    if !grant.allowlist.contains(&client_ip) {
         return Err(Deny::IpNotAllowed);
     }
-    let bought = tenant_products.iter().any(|p| &**p == product);
-    let granted = match &grant.products {
-        None => true,
-        Some(list) => list.iter().any(|p| &**p == product),
-    };
+    let bought = grant.tenant.has(product);
+    let granted = grant.products.contains(product);
     if !(bought && granted) {
         return Err(Deny::ProductNotEnabled);
     }
@@ -50,17 +49,35 @@ mod tests {
     use crate::table::Grant;
 
     fn grant(allow: &[&str], products: Option<&[&str]>) -> Grant {
+        grant_of(allow, products, &[])
+    }
+
+    fn grant_of(allow: &[&str], products: Option<&[&str]>, bought: &[&str]) -> Grant {
         Grant::for_test(
             allow
                 .iter()
                 .map(|s| crate::model::parse_allowlist_entry(s).unwrap())
                 .collect(),
-            products.map(|p| p.iter().map(|s| (*s).into()).collect()),
+            products.map(|p| p.to_vec()),
+            bought,
         )
     }
 
-    fn bought(p: &[&str]) -> Vec<Box<str>> {
-        p.iter().map(|s| (*s).into()).collect()
+    /// `decide` for `g` with its tenant having bought `bought`.
+    fn check(
+        g: &Grant,
+        bought: &[&str],
+        ip: IpAddr,
+        product: &str,
+        now: UnixTime,
+    ) -> Result<(), Deny> {
+        let allow = g.allowlist.to_vec();
+        let mut with = grant_of(&[], None, bought);
+        with.allowlist = allow.into();
+        with.products = g.products.clone();
+        with.expires_at = g.expires_at;
+        with.disabled = g.disabled;
+        decide(&with, ip, &Product::new(product), now)
     }
 
     const NOW: UnixTime = 1_800_000_000;
@@ -69,7 +86,7 @@ mod tests {
     fn allowed_when_ip_and_product_match() {
         let g = grant(&["10.0.0.0/8"], None);
         let ip = "10.1.2.3".parse().unwrap();
-        assert_eq!(decide(&g, &bought(&["crm"]), ip, "crm", NOW), Ok(()));
+        assert_eq!(check(&g, &["crm"], ip, "crm", NOW), Ok(()));
     }
 
     #[test]
@@ -78,13 +95,13 @@ mod tests {
         for ip in ["11.0.0.1", "2001:db9::1", "::ffff:10.0.0.1", "127.0.0.1"] {
             let ip = ip.parse().unwrap();
             assert_eq!(
-                decide(&g, &bought(&["crm"]), ip, "crm", NOW),
+                check(&g, &["crm"], ip, "crm", NOW),
                 Err(Deny::IpNotAllowed),
                 "{ip}"
             );
         }
         let v6 = "2001:db8::42".parse().unwrap();
-        assert_eq!(decide(&g, &bought(&["crm"]), v6, "crm", NOW), Ok(()));
+        assert_eq!(check(&g, &["crm"], v6, "crm", NOW), Ok(()));
     }
 
     #[test]
@@ -92,27 +109,21 @@ mod tests {
         let ip = "10.0.0.1".parse().unwrap();
         let all = grant(&["10.0.0.1"], None);
         assert_eq!(
-            decide(&all, &bought(&["crm"]), ip, "marketing", NOW),
+            check(&all, &["crm"], ip, "marketing", NOW),
             Err(Deny::ProductNotEnabled)
         );
         let only_crm = grant(&["10.0.0.1"], Some(&["crm"]));
         assert_eq!(
-            decide(
-                &only_crm,
-                &bought(&["crm", "messaging"]),
-                ip,
-                "messaging",
-                NOW
-            ),
+            check(&only_crm, &["crm", "messaging"], ip, "messaging", NOW),
             Err(Deny::ProductNotEnabled)
         );
         // Token lists a product the tenant no longer has.
         let msg = grant(&["10.0.0.1"], Some(&["messaging"]));
         assert_eq!(
-            decide(&msg, &bought(&["crm"]), ip, "messaging", NOW),
+            check(&msg, &["crm"], ip, "messaging", NOW),
             Err(Deny::ProductNotEnabled)
         );
-        assert_eq!(decide(&only_crm, &bought(&["crm"]), ip, "crm", NOW), Ok(()));
+        assert_eq!(check(&only_crm, &["crm"], ip, "crm", NOW), Ok(()));
     }
 
     #[test]
@@ -120,21 +131,12 @@ mod tests {
         let ip = "192.0.2.1".parse().unwrap();
         let mut g = grant(&["10.0.0.1"], None);
         g.disabled = true;
-        assert_eq!(
-            decide(&g, &bought(&["crm"]), ip, "crm", NOW),
-            Err(Deny::InvalidToken)
-        );
+        assert_eq!(check(&g, &["crm"], ip, "crm", NOW), Err(Deny::InvalidToken));
         let mut g = grant(&["10.0.0.1"], None);
         g.expires_at = Some(NOW);
-        assert_eq!(
-            decide(&g, &bought(&["crm"]), ip, "crm", NOW),
-            Err(Deny::InvalidToken)
-        );
+        assert_eq!(check(&g, &["crm"], ip, "crm", NOW), Err(Deny::InvalidToken));
         g.expires_at = Some(NOW + 1);
-        assert_eq!(
-            decide(&g, &bought(&["crm"]), ip, "crm", NOW),
-            Err(Deny::IpNotAllowed)
-        );
+        assert_eq!(check(&g, &["crm"], ip, "crm", NOW), Err(Deny::IpNotAllowed));
     }
 
     #[test]
@@ -142,7 +144,7 @@ mod tests {
         let g = grant(&["10.0.0.1"], Some(&["crm"]));
         let ip = "10.0.0.2".parse().unwrap();
         assert_eq!(
-            decide(&g, &bought(&[]), ip, "marketing", NOW),
+            check(&g, &[], ip, "marketing", NOW),
             Err(Deny::IpNotAllowed)
         );
     }

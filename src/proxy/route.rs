@@ -14,6 +14,8 @@ pub struct Route {
     pub index: usize,
     pub prefix: Box<str>,
     pub product: Box<str>,
+    /// `product`, resolved once for the decision.
+    pub product_id: crate::table::Product,
     pub upstreams: Box<[Upstream]>,
     pub strip_prefix: bool,
     /// Extra trust root for https upstreams.
@@ -38,6 +40,7 @@ impl Route {
             index,
             prefix: prefix.into(),
             product: product.into(),
+            product_id: crate::table::Product::new(product),
             upstreams: upstreams.into_boxed_slice(),
             strip_prefix,
             ca_file: None,

@@ -10,7 +10,6 @@
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -146,7 +145,7 @@ pub struct ConnInfo {
 struct Allowed<'r> {
     route: &'r Route,
     path: String,
-    grant: Arc<Grant>,
+    grant: Grant,
     client_ip: IpAddr,
     peer_trusted: bool,
 }
@@ -188,9 +187,8 @@ pub async fn handle(gw: &Gateway, req: Request<Incoming>, conn: ConnInfo) -> Res
                 (allowed.route.label, allowed.route.product_label),
                 allowed.client_ip,
             );
-            let grant = Arc::clone(&allowed.grant);
             let (result, upstream_ms) =
-                forward_request(gw, &rt, req, allowed, conn, &request_id).await;
+                forward_request(gw, &rt, req, &allowed, conn, &request_id).await;
             let (outcome, resp) = match result {
                 Ok(r) => ("forwarded", r),
                 Err(e) => (e.code(), e.response(Some(&request_id))),
@@ -203,10 +201,10 @@ pub async fn handle(gw: &Gateway, req: Request<Incoming>, conn: ConnInfo) -> Res
                 client_ip,
                 upstream_ms,
             };
-            (resp, out, Some(grant))
+            (resp, out, Some(allowed.grant))
         }
     };
-    out.grant = grant.as_deref();
+    out.grant = grant.as_ref();
     logging(gw, &out, &method, &raw_path, &request_id, start);
     resp
 }
@@ -249,15 +247,15 @@ fn request_filter<'r>(
     if !cfg.token_format.is_well_formed(token) {
         return fail(ProxyError::InvalidToken, label, peer_ip);
     }
-    let Some(grant) = table.get(&TokenHash::of(token)) else {
+    let hash = TokenHash::of(token);
+    let Some(grant) = table.get(&hash) else {
         return fail(ProxyError::InvalidToken, label, peer_ip);
     };
 
     let client_ip = client_ip::resolve(conn.peer.ip(), headers, &cfg.trusted_proxies);
     let peer_trusted = cfg.trusted_proxies.iter().any(|n| n.contains(&peer_ip));
     let now = crate::model::now();
-    let products = grant.tenant.products.load();
-    match decide(&grant, &products, client_ip, &route.product, now) {
+    match decide(&grant, client_ip, &route.product_id, now) {
         Ok(()) => {}
         Err(Deny::InvalidToken) => return fail(ProxyError::InvalidToken, label, client_ip),
         Err(Deny::IpNotAllowed) => {
@@ -271,7 +269,7 @@ fn request_filter<'r>(
             )
         }
     }
-    grant.touch(now);
+    table.touch(&hash, now);
     Ok(Allowed {
         route,
         path: path.into_owned(),
@@ -320,7 +318,7 @@ async fn forward_request(
     gw: &Gateway,
     rt: &Runtime,
     req: Request<Incoming>,
-    allowed: Allowed<'_>,
+    allowed: &Allowed<'_>,
     conn: ConnInfo,
     request_id: &HeaderValue,
 ) -> (Result<Response<ProxyBody>, ProxyError>, Option<f64>) {
@@ -355,8 +353,8 @@ async fn forward_request(
     forward::upstream_request_headers(
         &mut parts.headers,
         &Identity {
-            tenant: &allowed.grant.tenant.id_header,
-            token_id: &allowed.grant.token_id_header,
+            tenant: &allowed.grant.tenant.id_header(),
+            token_id: &allowed.grant.token_id.header(),
             client_ip: allowed.client_ip,
             peer_trusted: allowed.peer_trusted,
             tls: conn.tls,
@@ -470,6 +468,7 @@ fn logging(
     });
     gw.metrics.request_duration.observe(elapsed);
     if crate::access_log::enabled() {
+        let token_id = out.grant.map(|g| g.token_id.text());
         crate::access_log::write(&crate::access_log::Entry {
             request_id: request_id.to_str().unwrap_or(""),
             client_ip: out.client_ip,
@@ -478,8 +477,8 @@ fn logging(
             route: out.route.0,
             status: out.status,
             outcome: out.outcome,
-            tenant: out.grant.map_or("", |g| &*g.tenant.id),
-            token_id: out.grant.map_or("", |g| &*g.token_id),
+            tenant: out.grant.map_or("", |g| g.tenant.id()),
+            token_id: token_id.as_deref().unwrap_or(""),
             duration_ms: elapsed * 1000.0,
             upstream_ms: out.upstream_ms.unwrap_or(0.0),
         });
