@@ -13,6 +13,7 @@ as_root() {
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 python3 -c 'import yaml' 2>/dev/null || missing+=(python3-yaml)
+command -v curl >/dev/null || missing+=(curl)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "==> installing ${missing[*]}"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq

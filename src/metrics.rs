@@ -145,7 +145,11 @@ impl Metrics {
             upstream_errors.clone(),
         );
         let tokens = Gauge::default();
-        registry.register("tollgate_tokens", "Tokens not revoked", tokens.clone());
+        registry.register(
+            "tollgate_tokens",
+            "Active tokens (not revoked, disabled or expired)",
+            tokens.clone(),
+        );
         let tenants = Gauge::default();
         registry.register("tollgate_tenants", "Tenants", tenants.clone());
         let reloads = Family::<ResultLabels, Counter>::default();

@@ -899,8 +899,19 @@ impl TokenTable {
         }
     }
 
-    /// Number of tokens that are not revoked (the `tollgate_tokens` gauge).
+    /// Number of tokens that are not revoked.
     pub fn live_tokens(&self) -> usize {
+        self.count_heads(|_| true)
+    }
+
+    /// Number of tokens whose status is `active` at `now`: not revoked,
+    /// disabled or expired (the `tollgate_tokens` gauge). Walks the table:
+    /// about 10 ms at 1M tokens, paid by a metrics scrape, not a request.
+    pub fn active_tokens(&self, now: UnixTime) -> usize {
+        self.count_heads(|r| !r.disabled && r.expires_at > now)
+    }
+
+    fn count_heads(&self, keep: impl Fn(&Record) -> bool) -> usize {
         self.inner
             .shards
             .iter()
@@ -909,7 +920,7 @@ impl TokenTable {
                 s.records
                     .iter()
                     .flatten()
-                    .filter(|r| r.head && r.indexed)
+                    .filter(|r| r.head && r.indexed && keep(r))
                     .count()
             })
             .sum()
@@ -1288,6 +1299,22 @@ mod tests {
         // A late replay of the older version does not bring it back.
         t.apply(Change::TokenUpserted(token("tok_1", "s1", 1)));
         assert!(t.get(&TokenHash::of("s1")).is_none());
+    }
+
+    #[test]
+    fn active_tokens_leave_out_disabled_and_expired_ones() {
+        let t = TokenTable::new();
+        t.apply(Change::TenantUpserted(tenant("acme", &["crm"], 1)));
+        t.apply(Change::TokenUpserted(token("tok_1", "s1", 1)));
+        let mut disabled = token("tok_2", "s2", 1);
+        disabled.disabled = true;
+        t.apply(Change::TokenUpserted(disabled));
+        let mut expiring = token("tok_3", "s3", 1);
+        expiring.expires_at = Some(100);
+        t.apply(Change::TokenUpserted(expiring));
+        assert_eq!(t.live_tokens(), 3);
+        assert_eq!(t.active_tokens(99), 2);
+        assert_eq!(t.active_tokens(100), 1);
     }
 
     #[test]

@@ -517,6 +517,16 @@ async fn bad_allowlists_are_422_invalid_allowlist_naming_the_entry() {
             Some("0.0.0.0/0".into()),
         ),
         (json!({"ip_allowlist": ["::/0"]}), Some("::/0".into())),
+        // Not a list of strings: still the allowlist's code, naming the field.
+        (
+            json!({"ip_allowlist": "127.0.0.1"}),
+            Some("ip_allowlist".into()),
+        ),
+        (
+            json!({"ip_allowlist": ["127.0.0.1", 5]}),
+            Some("ip_allowlist[1]".into()),
+        ),
+        (json!({"ip_allowlist": null}), None),
         (
             json!({"ip_allowlist": ["127.0.0.1", "0.0.0.0/0"]}),
             Some("0.0.0.0/0".into()),
@@ -1159,5 +1169,54 @@ async fn metrics_count_requests_by_route_outcome_and_status() {
         assert!(text.contains(name), "{name} missing: {text}");
     }
     assert!(!text.contains(&secret));
+    gw.stop().await;
+}
+
+/// The value of an unlabelled gauge in a Prometheus text page.
+fn gauge(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn the_tokens_gauge_counts_active_tokens_only() {
+    let (_b, gw) = gateway("").await;
+    gw.tenant("acme", &["crm"], 5).await;
+    gw.tenant("zeta", &["crm"], 5).await;
+    let mut ids = Vec::new();
+    for t in ["acme", "acme", "acme", "zeta"] {
+        let (st, v) = create_token(&gw, t, json!({"ip_allowlist": ["127.0.0.1"]})).await;
+        assert_eq!(st, 201, "{v}");
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    let scrape = || async {
+        let text = reqwest::get(gw.admin_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        (
+            gauge(&text, "tollgate_tokens"),
+            gauge(&text, "tollgate_tenants"),
+        )
+    };
+    assert_eq!(scrape().await, (Some(4.0), Some(2.0)));
+    let (st, v) = gw
+        .admin(
+            "PATCH",
+            &format!("/v1/tokens/{}", ids[0]),
+            Some(json!({"disabled": true})),
+        )
+        .await;
+    assert_eq!((st, v["status"].as_str()), (200, Some("disabled")), "{v}");
+    let (st, _) = gw
+        .admin("DELETE", &format!("/v1/tokens/{}", ids[1]), None)
+        .await;
+    assert_eq!(st, 204);
+    assert_eq!(scrape().await, (Some(2.0), Some(2.0)));
+    let (st, _) = gw.admin("DELETE", "/v1/tenants/zeta", None).await;
+    assert_eq!(st, 204);
+    assert_eq!(scrape().await, (Some(1.0), Some(1.0)));
     gw.stop().await;
 }

@@ -209,6 +209,83 @@ async fn tokens_survive_kill_9_and_a_restart() {
     drop(run);
 }
 
+/// `tollgate store <verb> --config <config>` with `input` on stdin.
+fn store_cli(verb: &str, config: &Path, input: &[u8]) -> (i32, String, String) {
+    let mut child = Command::new(bin())
+        .args(["store", verb, "--config"])
+        .arg(config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_export_and_import_move_tokens_with_hashes_only() {
+    let b = Backends::start().await;
+    let from = write_config(&b);
+    let run = Running::start(&from.config);
+    wait_ready(from.admin).await;
+    let (st, _) = admin(
+        &from,
+        "POST",
+        "/v1/tenants",
+        Some(json!({"id": "acme", "products": ["crm"]})),
+    )
+    .await;
+    assert_eq!(st, 201);
+    let (st, v) = admin(
+        &from,
+        "POST",
+        "/v1/tenants/acme/tokens",
+        Some(json!({"ip_allowlist": ["127.0.0.2"]})),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let secret = v["token"].as_str().unwrap().to_string();
+    let token_id = v["id"].as_str().unwrap().to_string();
+    drop(run); // the embedded store is one process's at a time
+
+    let (code, export, err) = store_cli("export", &from.config, b"");
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<Value> = export
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{export}");
+    assert!(!export.contains(&secret), "the export holds a secret");
+    assert!(
+        export.contains(blake3::hash(secret.as_bytes()).to_hex().as_str()),
+        "the export lacks the token's hash: {export}"
+    );
+
+    // A garbage line is refused whole, naming the line, and writes nothing.
+    let to = write_config(&b);
+    let bad = format!("{export}{{\"type\":\"nonsense\"}}\n");
+    let (code, _, err) = store_cli("import", &to.config, bad.as_bytes());
+    assert_eq!(code, 1);
+    assert!(err.contains("line 3"), "{err}");
+    let (code, _, err) = store_cli("import", &to.config, export.as_bytes());
+    assert_eq!(code, 0, "{err}");
+
+    let run = Running::start(&to.config);
+    wait_ready(to.admin).await;
+    let url = format!("http://{}/crm/v1/x", to.public);
+    let g = get("127.0.0.2", &url, Some(&secret)).await;
+    assert_eq!(g.status, 200, "{}", g.text);
+    let (st, v) = admin(&to, "GET", &format!("/v1/tokens/{token_id}"), None).await;
+    assert_eq!((st, v["tenant"].as_str()), (200, Some("acme")), "{v}");
+    drop(run);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_logs_a_json_listening_line_with_both_addresses() {
     let b = Backends::start().await;
@@ -327,6 +404,43 @@ fn check_config_gives_the_full_key_path_for_unknown_keys_and_wrong_types() {
         // VALID starts with a newline: `upstream_timeout` is on line 8.
         assert!(err.contains("line 8"), "{err}");
     }
+}
+
+#[test]
+fn check_config_and_run_read_gateway_toml_in_the_working_directory_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("gateway.toml"), VALID).unwrap();
+    let out = Command::new(bin())
+        .arg("check-config")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    // `run` refuses the same bad file `check-config` refuses, with exit 1
+    // and the key named, before it binds or opens anything.
+    std::fs::write(
+        dir.path().join("gateway.toml"),
+        VALID.replace("\"30s\"", "\"soon\""),
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .arg("run")
+        .current_dir(dir.path())
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(all.contains("limits.upstream_timeout"), "{all}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "run opened the store anyway"
+    );
 }
 
 #[test]

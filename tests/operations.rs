@@ -833,3 +833,153 @@ fn workers_stop_when_the_runtime_that_started_the_gateway_is_dropped() {
     }
     panic!("{public} still accepts connections after its runtime was dropped");
 }
+
+/// Sends `signal` (a `kill` name such as `HUP`) to `child`.
+fn signal(child: &tokio::process::Child, signal: &str) {
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// Reads JSON log lines until one satisfies `want`; returns it.
+async fn wait_for_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("exited");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if want(&v) {
+                return v;
+            }
+        }
+    })
+    .await
+    .expect("log line never came")
+}
+
+#[tokio::test]
+async fn sighup_applies_a_valid_file_and_refuses_an_invalid_one_naming_key_and_line() {
+    let b = Backends::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = binary_config(&b, dir.path(), "");
+    let (child, mut lines, listening) = spawn_binary(&config).await;
+    let admin: std::net::SocketAddr = listening["admin"].as_str().unwrap().parse().unwrap();
+    let public: std::net::SocketAddr = listening["public"].as_str().unwrap().parse().unwrap();
+    let (s, _) = admin_call(
+        admin,
+        "POST",
+        "/v1/tenants",
+        Some(json!({"id": "acme", "products": ["crm"]})),
+        Some(ADMIN_KEY),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (s, v) = admin_call(
+        admin,
+        "POST",
+        "/v1/tenants/acme/tokens",
+        Some(json!({"ip_allowlist": ["127.0.0.1"]})),
+        Some(ADMIN_KEY),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let secret = v["token"].as_str().unwrap().to_string();
+    let xff_get = |path: &str| {
+        let url = format!("http://{public}{path}");
+        let secret = secret.clone();
+        async move {
+            let r = client_from("127.0.0.1")
+                .get(url)
+                .bearer_auth(secret)
+                .header("x-forwarded-for", "127.0.0.9")
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            (
+                status,
+                body["error"]["code"].as_str().unwrap_or("").to_string(),
+            )
+        }
+    };
+    assert_eq!(xff_get("/crm/x").await, (200, String::new()));
+
+    // A valid file: the route moves, 127.0.0.1 becomes a trusted proxy (so
+    // its X-Forwarded-For is believed), and the admin key changes.
+    let original = std::fs::read_to_string(&config).unwrap();
+    let second_key = "a-second-admin-key";
+    let changed = original
+        .replace("prefix = \"/crm/\"", "prefix = \"/crm2/\"")
+        .replace(
+            &blake3::hash(ADMIN_KEY.as_bytes()).to_hex().to_string(),
+            blake3::hash(second_key.as_bytes()).to_hex().as_str(),
+        )
+        .replace(
+            "[admin]",
+            "[client_ip]\ntrusted_proxies = [\"127.0.0.1/32\"]\n[admin]",
+        );
+    std::fs::write(&config, changed).unwrap();
+    signal(&child, "HUP");
+    wait_for_line(&mut lines, |v| v["message"] == "config reloaded").await;
+    assert_eq!(xff_get("/crm/x").await, (404, "no_route".to_string()));
+    assert_eq!(
+        xff_get("/crm2/x").await,
+        (403, "ip_not_allowed".to_string()),
+        "the client IP is now the X-Forwarded-For address"
+    );
+    let (s, _) = admin_call(admin, "GET", "/v1/tenants", None, Some(ADMIN_KEY)).await;
+    assert_eq!(s, 401, "the old admin key is gone");
+    let (s, _) = admin_call(admin, "GET", "/v1/tenants", None, Some(second_key)).await;
+    assert_eq!(s, 200);
+
+    // An invalid file: refused whole, logged with its key and line; the
+    // running config stays.
+    std::fs::write(
+        &config,
+        original.replace("[admin]", "[limits]\nidle_timeout = \"soon\"\n[admin]"),
+    )
+    .unwrap();
+    signal(&child, "HUP");
+    let refused = wait_for_line(&mut lines, |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("reload refused"))
+    })
+    .await;
+    assert_eq!(refused["key"], "limits.idle_timeout", "{refused}");
+    let line = refused["line"].as_u64().expect("line number");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        text.lines()
+            .nth(line as usize - 1)
+            .is_some_and(|l| l.contains("idle_timeout")),
+        "line {line} of the file is not the bad key: {refused}"
+    );
+    assert_eq!(
+        xff_get("/crm2/x").await,
+        (403, "ip_not_allowed".to_string())
+    );
+    let (s, _) = admin_call(admin, "GET", "/v1/tenants", None, Some(second_key)).await;
+    assert_eq!(s, 200);
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_config_reloads_total{result=\"ok\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tollgate_config_reloads_total{result=\"error\"} 1"),
+        "{metrics}"
+    );
+    drop(child);
+}

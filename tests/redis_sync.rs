@@ -250,6 +250,7 @@ async fn paused_redis_keeps_the_data_plane_serving_and_refuses_admin_writes() {
         )
         .await;
     assert_eq!(s, 503, "{v}");
+    assert_eq!(v["error"]["code"], "store_unavailable", "{v}");
     // The data plane never waits on the store: every request is a 200.
     for _ in 0..20 {
         for gw in [&a, &bb] {
@@ -277,6 +278,21 @@ async fn paused_redis_keeps_the_data_plane_serving_and_refuses_admin_writes() {
         store_connected(&a).await && store_connected(&bb).await
     })
     .await;
+    let metrics = reqwest::get(bb.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("tollgate_store_connected 1"), "{metrics}");
+    let age: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tollgate_store_last_sync_age_seconds "))
+        .expect("tollgate_store_last_sync_age_seconds")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(age >= 0.0, "a connected store has synced: {metrics}");
     // Writes work again and propagate.
     bb.tenant("after", &["crm"], 1).await;
     let (_, s2) = bb.token("after", &["127.0.0.1"]).await;

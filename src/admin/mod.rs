@@ -111,8 +111,41 @@ pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8], code: &'static str) -
             format!("request body is not valid JSON: {e}"),
         )
     })?;
-    serde_json::from_value(value)
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, e.to_string()))
+    parse_value(value, code, &[])
+}
+
+/// As [`parse_json`], with the error code chosen by the field at fault:
+/// `fields` maps a top-level field to its own code (a token body whose
+/// `ip_allowlist` is not a list of strings is `invalid_allowlist`, as a bad
+/// entry is), any other field gets `code`.
+pub(crate) fn parse_json_fields<T: DeserializeOwned>(
+    body: &[u8],
+    code: &'static str,
+    fields: &[(&str, &'static str)],
+) -> ApiResult<T> {
+    let value: serde_json::Value = parse_json(body, code)?;
+    parse_value(value, code, fields)
+}
+
+fn parse_value<T: DeserializeOwned>(
+    value: serde_json::Value,
+    code: &'static str,
+    fields: &[(&str, &'static str)],
+) -> ApiResult<T> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let top = path.split(['.', '[']).next().unwrap_or("");
+        let code = fields
+            .iter()
+            .find(|(f, _)| *f == top)
+            .map_or(code, |(_, c)| *c);
+        let message = if path == "." {
+            e.inner().to_string()
+        } else {
+            format!("{path}: {}", e.inner())
+        };
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    })
 }
 
 /// Appends to the audit log. The change is already committed: a failure is

@@ -33,7 +33,8 @@ pub(crate) async fn readyz(State(gw): State<AppState>) -> Response {
 
 pub(crate) async fn metrics(State(gw): State<AppState>) -> Response {
     let m = &gw.metrics;
-    m.tokens.set(gw.table.live_tokens() as i64);
+    m.tokens
+        .set(gw.table.active_tokens(crate::model::now()) as i64);
     m.tenants.set(gw.table.tenants() as i64);
     m.store_connected.set(gw.sync.connected() as i64);
     m.store_last_sync_age

@@ -12,7 +12,11 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 use super::auth::Actor;
-use super::{audit, parse_json, ApiError, ApiResult, AppState};
+use super::{audit, parse_json, parse_json_fields, ApiError, ApiResult, AppState};
+
+/// A malformed `ip_allowlist` (not a list of strings) is `invalid_allowlist`,
+/// as a bad entry in it is.
+const ALLOWLIST_FIELD: &[(&str, &str)] = &[("ip_allowlist", "invalid_allowlist")];
 use crate::auth::TokenHash;
 use crate::model::{self, PreviousSecret, Token};
 use crate::server::Gateway;
@@ -126,7 +130,7 @@ pub(crate) async fn create(
         .get_tenant(&tenant)
         .await?
         .ok_or_else(|| StoreError::TenantNotFound(tenant.clone()))?;
-    let req: CreateToken = parse_json(&body, "invalid_request")?;
+    let req: CreateToken = parse_json_fields(&body, "invalid_request", ALLOWLIST_FIELD)?;
     let now = model::now();
     let name = req.name.unwrap_or_default();
     model::validate_label("name", &name).map_err(invalid)?;
@@ -204,7 +208,7 @@ pub(crate) async fn update(
     if gw.store.get_token(&id).await?.is_none() {
         return Err(StoreError::TokenNotFound(id).into());
     }
-    let req: PatchToken = parse_json(&body, "invalid_request")?;
+    let req: PatchToken = parse_json_fields(&body, "invalid_request", ALLOWLIST_FIELD)?;
     let now = model::now();
     if let Some(n) = &req.name {
         model::validate_label("name", n).map_err(invalid)?;
