@@ -82,6 +82,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Keys per `SCAN` step (and per `HGETALL` pipeline) when loading.
 const SCAN_BATCH: usize = 1000;
+/// `HGETALL` pipelines in flight at once while loading.
+const LOAD_DEPTH: usize = 3;
 /// Optimistic write attempts before giving up under contention.
 const MAX_ATTEMPTS: usize = 200;
 /// Audit events kept.
@@ -666,8 +668,14 @@ impl RedisStore {
 
     /// Reads every tenant hash with `SCAN` and pipelined `HGETALL`s, handing
     /// each to `each` as it arrives (so a million tokens are never held as
-    /// one snapshot). Each round trip carries one batch of `HGETALL`s and the
-    /// `SCAN` step for the next batch.
+    /// one snapshot).
+    ///
+    /// Three stages overlap: a task walks the `SCAN` cursor and queues key
+    /// batches; up to [`LOAD_DEPTH`] pipelines of one batch's `HGETALL`s are
+    /// in flight at once; this task decodes and applies the oldest reply.
+    /// Redis therefore always has the next batch to answer while the gateway
+    /// decodes, and neither waits on the other's round trip (with one batch
+    /// in flight, both sat idle about a third of the time).
     ///
     /// `strict` (export, admin listings) fails on an undecodable record; the
     /// follower skips it with an error log instead, so one bad record cannot
@@ -678,62 +686,66 @@ impl RedisStore {
         strict: bool,
         each: &mut (dyn FnMut(TenantHash) + Send),
     ) -> Result<(), StoreError> {
-        let pattern = self.keys.tenant_pattern();
-        // One round trip: this batch's HGETALLs, then the next SCAN step.
-        let fetch = |keys: &[String], cursor: u64| {
+        let (tx, mut batches) = tokio::sync::mpsc::channel::<Vec<String>>(LOAD_DEPTH);
+        let scanner = {
+            let pattern = self.keys.tenant_pattern();
+            let mut con = con.clone();
+            AbortOnDrop(tokio::spawn(async move {
+                let mut cursor = 0u64;
+                loop {
+                    let v: Value = call(
+                        redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(&pattern)
+                            .arg("COUNT")
+                            .arg(SCAN_BATCH)
+                            .query_async(&mut con),
+                    )
+                    .await?;
+                    let (next, keys): (u64, Vec<String>) = redis::from_redis_value(v)
+                        .map_err(|e| unavailable(format!("redis: bad SCAN reply: {e}")))?;
+                    // A send fails only when the reader has given up.
+                    if !keys.is_empty() && tx.send(keys).await.is_err() {
+                        return Ok(());
+                    }
+                    // A returned cursor of 0 means the walk is complete.
+                    if next == 0 {
+                        return Ok::<(), StoreError>(());
+                    }
+                    cursor = next;
+                }
+            }))
+        };
+        let fetch = |keys: &[String]| {
             let mut pipe = redis::pipe();
             for k in keys {
                 pipe.cmd("HGETALL").arg(k);
-            }
-            if cursor != 0 {
-                pipe.cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(SCAN_BATCH);
             }
             let mut con = con.clone();
             AbortOnDrop(tokio::spawn(async move {
                 call(pipe.query_async::<Vec<Value>>(&mut con)).await
             }))
         };
-        let parse_scan = |v: Value| -> Result<(u64, Vec<String>), StoreError> {
-            redis::from_redis_value(v)
-                .map_err(|e| unavailable(format!("redis: bad SCAN reply: {e}")))
-        };
-        // SCAN cursors start at 0 and a returned 0 means done: the first
-        // step is fetched alone.
-        let first: Value = call(
-            redis::cmd("SCAN")
-                .arg(0)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(SCAN_BATCH)
-                .query_async(&mut con.clone()),
-        )
-        .await?;
-        let (mut cursor, mut keys) = parse_scan(first)?;
-        if keys.is_empty() && cursor == 0 {
-            return Ok(());
-        }
-        let mut inflight = Some(fetch(&keys, cursor));
-        // While Redis answers batch n+1, this task decodes and applies
-        // batch n.
-        while let Some(mut h) = inflight.take() {
-            let mut replies = (&mut h.0)
-                .await
-                .map_err(|e| unavailable(format!("redis load task: {e}")))??;
-            let batch_keys = std::mem::take(&mut keys);
-            if cursor != 0 {
-                let next = replies.pop().unwrap_or(Value::Nil);
-                (cursor, keys) = parse_scan(next)?;
-                if !keys.is_empty() || cursor != 0 {
-                    inflight = Some(fetch(&keys, cursor));
+        let mut inflight = std::collections::VecDeque::with_capacity(LOAD_DEPTH);
+        let mut scanning = true;
+        loop {
+            while scanning && inflight.len() < LOAD_DEPTH {
+                match batches.recv().await {
+                    Some(keys) => {
+                        let h = fetch(&keys);
+                        inflight.push_back((h, keys));
+                    }
+                    None => scanning = false,
                 }
             }
-            for (h, key) in replies.into_iter().zip(&batch_keys) {
+            let Some((mut h, keys)) = inflight.pop_front() else {
+                break;
+            };
+            let replies = (&mut h.0)
+                .await
+                .map_err(|e| unavailable(format!("redis load task: {e}")))??;
+            for (h, key) in replies.into_iter().zip(&keys) {
                 match parse_tenant_hash(h) {
                     Ok(Some(h)) => each(h),
                     Ok(None) => {}
@@ -744,7 +756,12 @@ impl RedisStore {
                 }
             }
         }
-        Ok(())
+        // The scan ended: it must have ended by reaching cursor 0, not by
+        // failing part-way (which would make this a partial load).
+        let mut scanner = scanner;
+        (&mut scanner.0)
+            .await
+            .map_err(|e| unavailable(format!("redis scan task: {e}")))?
     }
 
     /// Everything as one snapshot (export, admin listings).
