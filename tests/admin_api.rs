@@ -62,6 +62,32 @@ async fn create_token(gw: &TestGateway, tenant: &str, body: Value) -> (u16, Valu
 // ---- authentication -------------------------------------------------------
 
 #[tokio::test]
+async fn errors_axum_answers_itself_are_json_too() {
+    let (_b, gw) = gateway("").await;
+    gw.tenant("acme", &["crm"], 1).await;
+    // Unknown endpoint, under /v1 and outside it.
+    for path in ["/v1/no-such-endpoint", "/nothing-here"] {
+        let (s, v) = gw.admin("GET", path, None).await;
+        assert_api_error(s, &v, 404, "not_found");
+    }
+    // Known endpoint, wrong method.
+    let (s, v) = gw
+        .admin("PUT", "/v1/tenants", Some(json!({"id": "x"})))
+        .await;
+    assert_api_error(s, &v, 405, "method_not_allowed");
+    // A query string that does not decode into the endpoint's parameters.
+    let (s, v) = gw.admin("GET", "/v1/audit?limit=1&limit=2", None).await;
+    assert_api_error(s, &v, 400, "bad_request");
+    // A body over the 1 MiB limit: refused as JSON, and nothing created.
+    let huge = json!({"id": "big", "name": "x".repeat(2 << 20)});
+    let (s, v) = gw.admin("POST", "/v1/tenants", Some(huge)).await;
+    assert_api_error(s, &v, 413, "payload_too_large");
+    let (s, v) = gw.admin("GET", "/v1/tenants/big", None).await;
+    assert_api_error(s, &v, 404, "tenant_not_found");
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn every_v1_call_without_or_with_a_wrong_key_is_401_unauthorized() {
     let (_b, gw) = gateway("").await;
     gw.tenant("acme", &["crm"], 1).await;
@@ -92,6 +118,9 @@ async fn every_v1_call_without_or_with_a_wrong_key_is_401_unauthorized() {
         ("POST", format!("/v1/tokens/{tok}/rotate"), Some(json!({}))),
         ("GET", "/v1/audit?limit=5".to_string(), None),
         ("POST", "/v1/reload".to_string(), None),
+        // Paths and methods that do not exist are no way around the key.
+        ("GET", "/v1/no-such-endpoint".to_string(), None),
+        ("PUT", "/v1/tenants".to_string(), Some(json!({"id": "x"}))),
     ];
     for (method, path, body) in &calls {
         for key in [None, Some("wrong-key"), Some("")] {

@@ -192,7 +192,12 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/tokens/{id}/rotate", post(tokens::rotate))
         .route("/audit", get(audit::list))
         .route("/reload", post(ops::reload))
-        .route_layer(axum::middleware::from_fn_with_state(
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        // `layer`, not `route_layer`: the key is checked before anything
+        // under /v1 answers, so an unknown /v1 path or a wrong method
+        // without a key is 401 too and tells a caller nothing.
+        .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&gw),
             auth::require_admin_key,
         ));
@@ -203,8 +208,51 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .nest("/v1", v1)
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
-        .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(gw)
+}
+
+/// Largest admin request body.
+const MAX_BODY: usize = 1 << 20;
+
+/// Every error leaves the admin API in the JSON error shape. The handlers'
+/// own errors already are ([`ApiError`]); what axum answers by itself (an
+/// extractor rejection: a body over [`MAX_BODY`], an undecodable query
+/// string or path parameter) is plain text, and is rewritten here with a
+/// code that follows from its status and axum's text as the message.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("error").to_owned(),
+        t => t.to_owned(),
+    };
+    let mut out = ApiError::new(status, code, message).into_response();
+    // Keep what the rejection said about the connection or the method.
+    for name in [axum::http::header::ALLOW, axum::http::header::CONNECTION] {
+        if let Some(v) = parts.headers.get(&name) {
+            out.headers_mut().insert(name, v.clone());
+        }
+    }
+    out
 }
 
 /// Serves the admin API until `shutdown` is cancelled.
