@@ -323,7 +323,7 @@ pub async fn start(config: Config, opts: StartOptions) -> anyhow::Result<Handle>
         Arc::clone(&gw),
         shutdown.clone(),
     )));
-    tracing::info!(public = %public_addr, admin = %admin_addr, workers = crate::proxy::listener::workers(), "listening");
+    tracing::info!(target: crate::telemetry::LISTENING, public = %public_addr, admin = %admin_addr, workers = crate::proxy::listener::workers(), "listening");
     Ok(Handle {
         public_addr,
         admin_addr,

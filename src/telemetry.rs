@@ -1,6 +1,11 @@
 //! Logging: tracing to stdout, JSON or text, with the level from the config
 //! unless `RUST_LOG` is set. The level can be changed at reload. Writes go
 //! through a non-blocking writer so a slow stdout never stalls a request.
+//!
+//! The start-up line `listening public=… admin=…` is promised by the
+//! command-line contract and scripts wait for it, so it is logged under its
+//! own target, [`LISTENING`], which every filter lets through at `info`
+//! unless the filter names that target itself.
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -21,9 +26,23 @@ impl LogHandle {
         if self.from_env {
             return;
         }
-        if let Ok(f) = EnvFilter::try_new(level) {
+        if let Some(f) = filter(level) {
             let _ = self.handle.reload(f);
         }
+    }
+}
+
+/// The target of the start-up `listening` line.
+pub const LISTENING: &str = "tollgate::listening";
+
+/// A filter from a `RUST_LOG`-style spec that also admits the
+/// [`LISTENING`] line, unless the spec says what to do with it.
+fn filter(spec: &str) -> Option<EnvFilter> {
+    if spec.contains(LISTENING) {
+        EnvFilter::try_new(spec).ok()
+    } else {
+        EnvFilter::try_new(spec).ok()?;
+        EnvFilter::try_new(format!("{spec},{LISTENING}=info")).ok()
     }
 }
 
@@ -36,8 +55,9 @@ pub fn init(
     let env = std::env::var("RUST_LOG").ok().filter(|s| !s.is_empty());
     let filter = env
         .as_deref()
-        .and_then(|s| EnvFilter::try_new(s).ok())
-        .unwrap_or_else(|| EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info")));
+        .and_then(filter)
+        .or_else(|| filter(level))
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
