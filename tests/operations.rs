@@ -803,6 +803,14 @@ async fn log_level_from_config_hides_access_lines_and_rust_log_wins() {
         quiet.iter().all(|l| !l.contains("/crm/log-probe")),
         "{quiet:?}"
     );
+    // The start-up line is part of the command-line contract: it is written
+    // whatever the level.
+    assert!(
+        quiet
+            .iter()
+            .any(|l| l.contains("\"listening\"") && l.contains("\"public\"")),
+        "{quiet:?}"
+    );
     let loud = log_lines("[log]\nlevel = \"warn\"\n", Some("info")).await;
     assert!(
         loud.iter().any(|l| l.contains("/crm/log-probe")),
@@ -982,4 +990,71 @@ async fn sighup_applies_a_valid_file_and_refuses_an_invalid_one_naming_key_and_l
         "{metrics}"
     );
     drop(child);
+}
+
+/// The value of an unlabelled sample in Prometheus text.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} missing from\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn request_duration_covers_the_response_body_not_just_its_head() {
+    // An upstream that sends its response head at once and the body 400 ms
+    // later, the way a slow download or a long stream does.
+    let slow = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = slow.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = slow.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                let _ = s.write_all(b"hello").await;
+            });
+        }
+    });
+    let b = Backends::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&b, &dir.path().join("t.db"), "")
+        .replace(&b.crm.url(), &format!("http://{addr}"));
+    let gw = TestGateway::start_text(dir, &text).await;
+    let secret = setup_token(&gw).await;
+    let g = get("127.0.0.1", &gw.url("/crm/slow-body"), Some(&secret)).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(g.text, "hello");
+    // The request is logged when its body is done, which is before or
+    // about when the client has read it; wait for the count, not a time.
+    let mut metrics = gw.metrics().await;
+    for _ in 0..100 {
+        if sample(&metrics, "tollgate_request_duration_seconds_count") >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        metrics = gw.metrics().await;
+    }
+    assert_eq!(
+        sample(&metrics, "tollgate_request_duration_seconds_count"),
+        1.0
+    );
+    // The whole request cannot have taken less than the body's 400 ms.
+    assert!(
+        sample(&metrics, "tollgate_request_duration_seconds_sum") >= 0.4,
+        "{metrics}"
+    );
+    gw.stop().await;
 }

@@ -305,7 +305,7 @@ async fn drive<IO>(
         let gw = Arc::clone(&gw);
         let busy = BusyGuard::new(Arc::clone(&act));
         async move {
-            let resp = service::handle(&gw, req, info).await;
+            let resp = service::handle(gw, req, info).await;
             drop(busy);
             Ok::<_, Infallible>(resp)
         }

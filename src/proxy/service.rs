@@ -6,17 +6,21 @@
 //! 2. `upstream_request_filter`: rewrite headers and URI for the upstream.
 //! 3. the upstream call, bounded by `limits.upstream_timeout`.
 //! 4. `response_filter`: strip hop-by-hop headers, add `x-request-id`.
-//! 5. `logging`: metrics and one access-log event.
+//! 5. `logging`: metrics and one access-log event, written when the
+//!    response body is done (see [`ProxyBody`]).
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::client_ip;
 use super::forward::{self, Identity};
@@ -26,8 +30,57 @@ use crate::metrics::RequestLabels;
 use crate::server::{Gateway, Runtime};
 use crate::table::{Grant, TokenTable};
 
-/// Response body: the upstream's, streamed, or one of ours.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+/// A response body: the upstream's, streamed, or one of ours.
+type Payload = Either<Incoming, Full<Bytes>>;
+
+/// The body the public listener sends. It carries the request's log record
+/// and writes it (metrics and access log) when dropped, which hyper does
+/// once the last byte is handed to the connection or the exchange is
+/// abandoned. So `tollgate_request_duration_seconds` and the access log's
+/// `duration_ms` cover the whole request, body included, as nginx's
+/// `$request_time` and Envoy's `%DURATION%` do.
+pub struct ProxyBody {
+    payload: Payload,
+    log: Option<Logged>,
+}
+
+impl ProxyBody {
+    fn new(payload: Payload) -> ProxyBody {
+        ProxyBody { payload, log: None }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = <Payload as Body>::Error;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        // Every part of a `ProxyBody` is `Unpin`.
+        Pin::new(&mut self.get_mut().payload).poll_frame(cx)
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        self.payload.is_end_stream()
+    }
+
+    #[inline]
+    fn size_hint(&self) -> SizeHint {
+        self.payload.size_hint()
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Some(log) = self.log.take() {
+            logging(log);
+        }
+    }
+}
 
 /// Why the data plane answered instead of the upstream. The status code and
 /// error code fall out of the variant; this is the one place they are set.
@@ -97,7 +150,7 @@ impl ProxyError {
     /// The JSON error response.
     pub fn response(&self, request_id: Option<&HeaderValue>) -> Response<ProxyBody> {
         let body = crate::error::error_body(self.code(), &self.message());
-        let mut resp = Response::new(Either::Right(Full::new(body)));
+        let mut resp = Response::new(ProxyBody::new(Either::Right(Full::new(body))));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
         h.insert(
@@ -150,62 +203,78 @@ struct Allowed<'r> {
     peer_trusted: bool,
 }
 
-/// What the access log and metrics record about a request.
-struct Outcome<'a> {
+/// What the access log and metrics record about a request; written by
+/// [`logging`] when the response body is dropped.
+struct Logged {
+    gw: Arc<Gateway>,
+    start: Instant,
+    method: http::Method,
+    /// The path as received, without the query.
+    path: Box<str>,
+    request_id: HeaderValue,
     /// Route and product labels.
     route: (&'static str, &'static str),
     outcome: &'static str,
     status: u16,
-    grant: Option<&'a Grant>,
+    grant: Option<Grant>,
     client_ip: IpAddr,
     upstream_ms: Option<f64>,
 }
 
 /// Handles one request on the public listener.
-pub async fn handle(gw: &Gateway, req: Request<Incoming>, conn: ConnInfo) -> Response<ProxyBody> {
+pub async fn handle(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    conn: ConnInfo,
+) -> Response<ProxyBody> {
     let start = Instant::now();
     let rt = gw.runtime.load_full();
     let request_id = forward::request_id(req.headers());
     let method = req.method().clone();
-    let raw_path: Box<str> = req.uri().path().into();
+    let path: Box<str> = req.uri().path().into();
 
     let decision = request_filter(&rt, &gw.table, &req, conn);
-    let (resp, mut out, grant) = match decision {
-        Err((err, route, client_ip)) => {
-            let out = Outcome {
-                route,
-                outcome: err.code(),
-                status: err.status().as_u16(),
-                grant: None,
-                client_ip,
-                upstream_ms: None,
-            };
-            (err.response(Some(&request_id)), out, None)
-        }
+    let (mut resp, route, outcome, grant, client_ip, upstream_ms) = match decision {
+        Err((err, route, client_ip)) => (
+            err.response(Some(&request_id)),
+            route,
+            err.code(),
+            None,
+            client_ip,
+            None,
+        ),
         Ok(allowed) => {
-            let (route, client_ip) = (
-                (allowed.route.label, allowed.route.product_label),
-                allowed.client_ip,
-            );
+            let route = (allowed.route.label, allowed.route.product_label);
             let (result, upstream_ms) =
-                forward_request(gw, &rt, req, &allowed, conn, &request_id).await;
+                forward_request(&gw, &rt, req, &allowed, conn, &request_id).await;
             let (outcome, resp) = match result {
                 Ok(r) => ("forwarded", r),
                 Err(e) => (e.code(), e.response(Some(&request_id))),
             };
-            let out = Outcome {
+            (
+                resp,
                 route,
                 outcome,
-                status: resp.status().as_u16(),
-                grant: None,
-                client_ip,
+                Some(allowed.grant),
+                allowed.client_ip,
                 upstream_ms,
-            };
-            (resp, out, Some(allowed.grant))
+            )
         }
     };
-    out.grant = grant.as_ref();
-    logging(gw, &out, &method, &raw_path, &request_id, start);
+    let status = resp.status().as_u16();
+    resp.body_mut().log = Some(Logged {
+        gw,
+        start,
+        method,
+        path,
+        request_id,
+        route,
+        outcome,
+        status,
+        grant,
+        client_ip,
+        upstream_ms,
+    });
     resp
 }
 
@@ -419,7 +488,10 @@ async fn forward_request(
     let (mut parts, body) = resp.into_parts();
     forward::downstream_response_headers(&mut parts.headers, request_id);
     (
-        Ok(Response::from_parts(parts, Either::Left(body))),
+        Ok(Response::from_parts(
+            parts,
+            ProxyBody::new(Either::Left(body)),
+        )),
         upstream_ms,
     )
 }
@@ -451,33 +523,28 @@ fn count_upstream_error(gw: &Gateway, route: &Route, kind: &'static str) {
 }
 
 /// Phase 5: metrics and the access log. Never logs the token or headers.
-fn logging(
-    gw: &Gateway,
-    out: &Outcome<'_>,
-    method: &http::Method,
-    path: &str,
-    request_id: &HeaderValue,
-    start: Instant,
-) {
-    let elapsed = start.elapsed().as_secs_f64();
-    gw.metrics.count_request(RequestLabels {
+fn logging(out: Logged) {
+    let elapsed = out.start.elapsed().as_secs_f64();
+    let metrics = &out.gw.metrics;
+    metrics.count_request(RequestLabels {
         route: out.route.0,
         product: out.route.1,
         outcome: out.outcome,
         status: out.status,
     });
-    gw.metrics.request_duration.observe(elapsed);
+    metrics.request_duration.observe(elapsed);
     if crate::access_log::enabled() {
-        let token_id = out.grant.map(|g| g.token_id.text());
+        let grant = out.grant.as_ref();
+        let token_id = grant.map(|g| g.token_id.text());
         crate::access_log::write(&crate::access_log::Entry {
-            request_id: request_id.to_str().unwrap_or(""),
+            request_id: out.request_id.to_str().unwrap_or(""),
             client_ip: out.client_ip,
-            method: method.as_str(),
-            path,
+            method: out.method.as_str(),
+            path: &out.path,
             route: out.route.0,
             status: out.status,
             outcome: out.outcome,
-            tenant: out.grant.map_or("", |g| g.tenant.id()),
+            tenant: grant.map_or("", |g| g.tenant.id()),
             token_id: token_id.as_deref().unwrap_or(""),
             duration_ms: elapsed * 1000.0,
             upstream_ms: out.upstream_ms.unwrap_or(0.0),
