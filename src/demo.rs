@@ -2,6 +2,11 @@
 //! embedded store in a temporary folder, three echo backends (crm,
 //! messaging, marketing), one tenant and one token, and a printed list of
 //! curl lines showing an allowed call and each rejection. Runs until Ctrl-C.
+//!
+//! For the two upstream failures there are two more CRM routes: `/crm/down/`
+//! points at a port nothing listens on (502), and `/crm/slow/` at a backend
+//! that accepts and never answers, with the demo's `upstream_timeout` at 2 s
+//! (504).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -79,6 +84,26 @@ async fn echo(
     Ok(resp)
 }
 
+/// Starts a backend that accepts connections and never answers.
+async fn spawn_silent() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    Ok(local)
+}
+
+/// A loopback address nothing listens on (bound, then released).
+async fn closed_port() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind(("127.0.0.1", 0)).await?.local_addr()?)
+}
+
 /// `127.0.0.1:port` when that port is free, else any free port.
 async fn free_or_any(port: u16) -> SocketAddr {
     let want: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -121,6 +146,8 @@ pub async fn run() -> anyhow::Result<()> {
     let crm = spawn_echo("crm", ([127, 0, 0, 1], 0).into()).await?;
     let messaging = spawn_echo("messaging", ([127, 0, 0, 1], 0).into()).await?;
     let marketing = spawn_echo("marketing", ([127, 0, 0, 1], 0).into()).await?;
+    let silent = spawn_silent().await?;
+    let down = closed_port().await?;
     let public = free_or_any(8080).await;
     let admin = free_or_any(9090).await;
     let admin_key = format!(
@@ -136,6 +163,8 @@ admin = "{admin}"
 path = "{db}"
 [admin]
 key_hashes = ["blake3:{hash}"]
+[limits]
+upstream_timeout = "2s"
 [log]
 format = "text"
 level = "warn"
@@ -151,6 +180,14 @@ upstream = "http://{messaging}"
 prefix = "/marketing/"
 product = "marketing"
 upstream = "http://{marketing}"
+[[route]]
+prefix = "/crm/down/"
+product = "crm"
+upstream = "http://{down}"
+[[route]]
+prefix = "/crm/slow/"
+product = "crm"
+upstream = "http://{silent}"
 "#,
         db = dir
             .path()
@@ -209,11 +246,13 @@ upstream = "http://{marketing}"
         ("404 no_route: no route for this path", format!("curl -i -H 'Authorization: Bearer {token}' {base}/billing/v1/invoices"), [127, 0, 0, 1], "/billing/v1/invoices", Some(&token)),
         ("400 bad_request: an encoded dot segment cannot sneak past the product check", format!("curl -i --path-as-is -H 'Authorization: Bearer {token}' '{base}/crm/%2e%2e/marketing/v1/campaigns'"), [127, 0, 0, 1], "/crm/%2e%2e/marketing/v1/campaigns", Some(&token)),
         ("403 product_not_enabled: /crm/../marketing/ is a Marketing request", format!("curl -i --path-as-is -H 'Authorization: Bearer {token}' {base}/crm/../marketing/v1/campaigns"), [127, 0, 0, 1], "/crm/../marketing/v1/campaigns", Some(&token)),
+        ("502 upstream_unavailable: the /crm/down/ route's backend refuses connections", format!("curl -i -H 'Authorization: Bearer {token}' {base}/crm/down/v1/contacts"), [127, 0, 0, 1], "/crm/down/v1/contacts", Some(&token)),
+        ("504 upstream_timeout: the /crm/slow/ route's backend never answers (takes 2 s)", format!("curl -i -H 'Authorization: Bearer {token}' {base}/crm/slow/v1/contacts"), [127, 0, 0, 1], "/crm/slow/v1/contacts", Some(&token)),
     ];
 
     println!();
     println!("tollgate demo is running (Ctrl-C to stop).");
-    println!("  public listener  {base}   routes /crm/ /messaging/ /marketing/");
+    println!("  public listener  {base}   routes /crm/ /messaging/ /marketing/ (and /crm/down/, /crm/slow/)");
     println!("  admin listener   http://{admin}   admin key: {admin_key}");
     println!(
         "  tenant acme bought crm and messaging; token {token_id} may be used from 127.0.0.1 only"
