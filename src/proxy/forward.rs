@@ -74,9 +74,31 @@ static X_TOLLGATE_TOKEN_ID: HeaderName = HeaderName::from_static("x-tollgate-tok
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Hop-by-hop headers (RFC 9110 §7.6.1) that go whether or not
+/// `Connection` names them.
+static HOP_BY_HOP: [&HeaderName; 7] = [
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::TE,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+    &header::PROXY_AUTHORIZATION,
+];
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including any header the
 /// `Connection` header names.
+///
+/// Most messages carry none, so one pass over the names (standard names
+/// compare as enum tags) decides first; a `remove` per candidate would hash
+/// and probe the map eight times for every request and every response.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let any = headers
+        .keys()
+        .any(|k| k == header::CONNECTION || HOP_BY_HOP.contains(&k));
+    if !any {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -90,15 +112,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         }
         headers.remove(header::CONNECTION);
     }
-    for h in [
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::PROXY_AUTHORIZATION,
-    ] {
+    for h in HOP_BY_HOP {
         headers.remove(h);
     }
 }
