@@ -378,8 +378,28 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_tollgate")
 }
 
-/// A free loopback port (bound then released).
+/// A free loopback port for a server a test starts later (a child process,
+/// a config file).
+///
+/// Chosen below the kernel's ephemeral range: a port from `bind(0)`, once
+/// released, can be taken by any outgoing connection or `bind(0)` of a
+/// test running alongside before the server binds it, and the server then
+/// fails to start. Ports below the range are only ever taken by an
+/// explicit bind.
 pub fn free_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const FROM: u16 = 10_000;
+    if low > FROM + 1000 {
+        for _ in 0..200 {
+            let port = FROM + rand::random::<u16>() % (low - FROM);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -25,12 +25,12 @@ pub struct RedisServer {
 impl RedisServer {
     /// A throwaway Redis (no persistence).
     pub fn start() -> RedisServer {
-        Self::launch(super::free_port(), false)
+        Self::launch_anywhere(false)
     }
 
     /// A Redis that survives `kill -9` + [`RedisServer::restart`].
     pub fn start_persistent() -> RedisServer {
-        Self::launch(super::free_port(), true)
+        Self::launch_anywhere(true)
     }
 
     /// A Redis on a chosen port (e.g. one a gateway is already retrying).
@@ -49,7 +49,37 @@ impl RedisServer {
         r
     }
 
+    /// A throwaway or persistent Redis on a port of its own choosing: if
+    /// the port was taken between choosing and binding (redis-server then
+    /// exits at once), another port is tried.
+    fn launch_anywhere(persistent: bool) -> RedisServer {
+        for _ in 0..5 {
+            let mut r = RedisServer {
+                port: super::free_port(),
+                child: None,
+                dir: tempfile::tempdir().unwrap(),
+                persistent,
+            };
+            if r.try_spawn() {
+                return r;
+            }
+        }
+        panic!("redis-server could not bind any of 5 free ports");
+    }
+
+    /// Starts redis-server on `self.port` and waits for its PING; panics if
+    /// it cannot.
     fn spawn(&mut self) {
+        assert!(
+            self.try_spawn(),
+            "redis-server could not listen on port {}",
+            self.port
+        );
+    }
+
+    /// As [`RedisServer::spawn`], but false when redis-server exited at
+    /// once (its port is taken).
+    fn try_spawn(&mut self) -> bool {
         let mut cmd = Command::new(redis_server_path());
         cmd.arg("--port")
             .arg(self.port.to_string())
@@ -72,17 +102,32 @@ impl RedisServer {
                 panic!("cannot start redis-server (install it: apt-get install redis-server): {e}")
             });
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
     }
 
-    fn wait_ready(&self) {
+    /// True once our redis-server answers; false if it exited first.
+    fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
+            if let Some(c) = self.child.as_mut() {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    self.child = None;
+                    return false;
+                }
+            }
             if let Ok(mut c) = ::redis::Client::open(self.url())
                 .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
             {
-                if ::redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                    return;
+                // Ours, not another test's Redis that holds the port.
+                let pid = self.child.as_ref().map(|c| c.id());
+                if let Ok(info) = ::redis::cmd("INFO").arg("server").query::<String>(&mut c) {
+                    let theirs = info
+                        .lines()
+                        .find_map(|l| l.strip_prefix("process_id:"))
+                        .and_then(|p| p.trim().parse::<u32>().ok());
+                    if theirs.is_some() && theirs == pid {
+                        return true;
+                    }
                 }
             }
             assert!(
