@@ -404,6 +404,14 @@ fn check_config_gives_the_full_key_path_for_unknown_keys_and_wrong_types() {
         // VALID starts with a newline: `upstream_timeout` is on line 8.
         assert!(err.contains("line 8"), "{err}");
     }
+    // Both at once: each problem is named, not only the first.
+    let both = VALID
+        .replace("upstream_timeout", "upstream_timeot")
+        .replace("[limits]", "[limits]\nidle_timeout = 60");
+    let (code, _, err) = check_config(&both);
+    assert_eq!(code, 1);
+    assert!(err.contains("limits.upstream_timeot"), "{err}");
+    assert!(err.contains("limits.idle_timeout"), "{err}");
 }
 
 #[test]

@@ -125,11 +125,13 @@ impl Config {
         Config::parse(&text)
     }
 
-    /// Parses and validates the text of a config file.
+    /// Parses and validates the text of a config file. Every problem is
+    /// reported, not only the first (see [`every_problem`]).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
-            .map_err(|e| toml_problem(text, e))?;
-        Config::from_raw(raw, text)
+        match serde_path_to_error::deserialize(toml::Deserializer::new(text)) {
+            Ok(raw) => Config::from_raw(raw, text),
+            Err(first) => Err(every_problem(text, first)),
+        }
     }
 
     fn from_raw(raw: RawConfig, text: &str) -> Result<Config, ConfigError> {
@@ -484,6 +486,72 @@ fn line_of_key(text: &str, key: &str) -> Option<usize> {
     None
 }
 
+/// serde stops at the first unknown key or value of the wrong type. To
+/// report them all, the file is read again as a plain TOML table, the key
+/// at fault is taken out, and the typed read is retried until it passes;
+/// then what remains is validated like any file. A TOML syntax error stops
+/// this at once (nothing after it can be trusted), and so does a problem
+/// that is not one key's (a `[[route]]` missing a required key).
+fn every_problem(text: &str, first: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+    let mut problems = toml_problem(text, first).problems;
+    let Ok(mut table) = text.parse::<toml::Table>() else {
+        return ConfigError { problems };
+    };
+    // Bounded: each round takes a key out of a finite table.
+    for _ in 0..256 {
+        let last = &problems[problems.len() - 1];
+        let Some(removed) = remove_key(&mut table, &last.key) else {
+            break;
+        };
+        match serde_path_to_error::deserialize::<_, RawConfig>(toml::Value::Table(table.clone())) {
+            Ok(raw) => {
+                if let Err(e) = Config::from_raw(raw, text) {
+                    problems.extend(e.problems);
+                }
+                break;
+            }
+            Err(e) => {
+                let next = toml_problem(text, e).problems;
+                // A required key taken out comes back as "missing": that is
+                // the problem already reported, not a new one.
+                if next[0]
+                    .message
+                    .starts_with(&format!("missing field `{removed}`"))
+                {
+                    break;
+                }
+                problems.extend(next);
+            }
+        }
+    }
+    ConfigError { problems }
+}
+
+/// Takes `key` (`limits.idle_timeout`, `route[1].upstream`) out of a TOML
+/// table; returns the name of the key removed, or `None` when `key` does
+/// not name one table entry.
+fn remove_key(table: &mut toml::Table, key: &str) -> Option<String> {
+    let mut segments: Vec<&str> = key.split('.').collect();
+    let leaf = segments.pop()?;
+    if leaf.is_empty() || leaf.contains('[') {
+        return None;
+    }
+    let mut at = table;
+    for seg in segments {
+        let (name, index) = match seg.split_once('[') {
+            Some((n, rest)) => (n, Some(rest.strip_suffix(']')?.parse::<usize>().ok()?)),
+            None => (seg, None),
+        };
+        let value = at.get_mut(name)?;
+        let value = match index {
+            Some(i) => value.as_array_mut()?.get_mut(i)?,
+            None => value,
+        };
+        at = value.as_table_mut()?;
+    }
+    at.remove(leaf).map(|_| leaf.to_string())
+}
+
 /// A TOML or type error, with the key path serde was at (`limits.idle_timeout`,
 /// `route[1].upstream`) and the key's line when it can be found.
 fn toml_problem(text: &str, e: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
@@ -525,6 +593,31 @@ prefix = "/crm/"
 product = "crm"
 upstream = "http://127.0.0.1:7001"
 "#;
+
+    #[test]
+    fn every_structural_and_value_problem_is_reported_not_only_the_first() {
+        let text = format!(
+            "{MINIMAL}\n[limits]\nidle_timout = \"5s\"\nupstream_timeout = 30\nshutdown_timeout = \"soon\"\n[log]\nlevle = \"info\"\n"
+        );
+        let e = Config::parse(&text).unwrap_err();
+        let keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "limits.idle_timout",
+            "limits.upstream_timeout",
+            "limits.shutdown_timeout",
+            "log.levle",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {e}");
+        }
+        assert!(e.problems.iter().all(|p| p.line.is_some()), "{e}");
+        // A required key of the wrong type is one problem, not two.
+        let e = Config::parse(&MINIMAL.replace("\"/crm/\"", "7")).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert_eq!(e.problems[0].key, "route[0].prefix");
+        // A syntax error stops the reading.
+        let e = Config::parse("[limits\nidle_timeout = 1").unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+    }
 
     #[test]
     fn defaults_follow_the_contract() {
