@@ -218,6 +218,22 @@ async fn the_default_token_quota_comes_from_the_config() {
 }
 
 #[tokio::test]
+async fn tokens_carry_the_configured_prefix_and_work_on_the_data_plane() {
+    let (_b, gw) = gateway("[tokens]\nprefix = \"acme_live_\"\n").await;
+    gw.tenant("acme", &["crm"], 1).await;
+    let (_, secret) = gw.token("acme", &["127.0.0.1"]).await;
+    assert!(secret.starts_with("acme_live_"), "{secret}");
+    assert_eq!(secret.len(), "acme_live_".len() + 49, "{secret}");
+    let g = get("127.0.0.1", &gw.url("/crm/v1/x"), Some(&secret)).await;
+    assert_eq!(g.status, 200, "{}", g.text);
+    // The same body under the default prefix is not one of this gateway's.
+    let other = format!("tg_{}", &secret["acme_live_".len()..]);
+    let g = get("127.0.0.1", &gw.url("/crm/v1/x"), Some(&other)).await;
+    assert_error(&g, 401, "invalid_token");
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn creating_a_tenant_twice_is_409_tenant_exists() {
     let (_b, gw) = gateway("").await;
     gw.tenant("acme", &["crm"], 1).await;
