@@ -226,7 +226,8 @@ async fn tokens_carry_the_configured_prefix_and_work_on_the_data_plane() {
     assert_eq!(secret.len(), "acme_live_".len() + 49, "{secret}");
     let g = get("127.0.0.1", &gw.url("/crm/v1/x"), Some(&secret)).await;
     assert_eq!(g.status, 200, "{}", g.text);
-    // The same body under the default prefix is not one of this gateway's.
+    // The same body under another prefix fails the checksum, which covers
+    // the prefix.
     let other = format!("tg_{}", &secret["acme_live_".len()..]);
     let g = get("127.0.0.1", &gw.url("/crm/v1/x"), Some(&other)).await;
     assert_error(&g, 401, "invalid_token");

@@ -1098,3 +1098,27 @@ async fn request_duration_covers_the_response_body_not_just_its_head() {
     );
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_new_token_prefix_at_reload_names_new_tokens_and_locks_no_one_out() {
+    let b = Backends::start().await;
+    let gw = TestGateway::start(&b, "").await;
+    gw.tenant("acme", &["crm"], 2).await;
+    let (_, before) = gw.token("acme", &["127.0.0.1"]).await;
+    assert!(before.starts_with("tg_"));
+    let text = std::fs::read_to_string(&gw.config_path).unwrap().replacen(
+        "[[route]]",
+        "[tokens]\nprefix = \"new_\"\n[[route]]",
+        1,
+    );
+    std::fs::write(&gw.config_path, text).unwrap();
+    let (s, v) = gw.admin("POST", "/v1/reload", None).await;
+    assert_eq!(s, 200, "{v}");
+    let (_, after) = gw.token("acme", &["127.0.0.1"]).await;
+    assert!(after.starts_with("new_"), "{after}");
+    for secret in [&before, &after] {
+        let g = get("127.0.0.1", &gw.url("/crm/v1/x"), Some(secret)).await;
+        assert_eq!(g.status, 200, "{}", g.text);
+    }
+    gw.stop().await;
+}

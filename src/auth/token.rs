@@ -17,6 +17,8 @@ use rand::Rng;
 pub const SECRET_LEN: usize = 43;
 /// Characters of checksum at the end of a token.
 pub const CHECKSUM_LEN: usize = 6;
+/// Longest prefix (`tokens.prefix` is 1-16 of `[A-Za-z0-9_]`).
+pub const MAX_PREFIX_LEN: usize = 16;
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 /// blake3 of a token secret: the only form in which a token is kept.
@@ -109,21 +111,29 @@ impl TokenFormat {
         s
     }
 
-    /// True when `token` has this format's prefix, length, alphabet and a
-    /// correct checksum. Does no lookup and allocates nothing.
+    /// True when `token` has the shape of a tollgate token: a prefix of
+    /// 1-16 `[A-Za-z0-9_]`, 43 `[A-Za-z0-9]`, and a correct checksum over
+    /// both. Does no lookup and allocates nothing.
+    ///
+    /// Any prefix passes, not only this format's: the checksum covers the
+    /// prefix, so a token is self-describing, and changing `tokens.prefix`
+    /// (at a reload, say) names new tokens without locking out every client
+    /// that holds one issued under the old prefix.
     pub fn is_well_formed(&self, token: &str) -> bool {
         let b = token.as_bytes();
-        if b.len() != self.token_len() || !token.starts_with(&self.prefix) {
+        let Some(prefix_len) = b.len().checked_sub(SECRET_LEN + CHECKSUM_LEN) else {
+            return false;
+        };
+        if !(1..=MAX_PREFIX_LEN).contains(&prefix_len) {
             return false;
         }
         let (body, sum) = b.split_at(b.len() - CHECKSUM_LEN);
-        if !body[self.prefix.len()..]
+        let (prefix, secret) = body.split_at(prefix_len);
+        prefix
             .iter()
-            .all(u8::is_ascii_alphanumeric)
-        {
-            return false;
-        }
-        checksum(body) == sum
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+            && secret.iter().all(u8::is_ascii_alphanumeric)
+            && checksum(body) == sum
     }
 }
 
@@ -180,8 +190,17 @@ mod tests {
         assert!(!f.is_well_formed(&weird));
         // Multibyte characters never panic.
         assert!(!f.is_well_formed(&"é".repeat(26)));
-        // Another prefix's format does not accept it.
-        assert!(!TokenFormat::new("acme_").is_well_formed(&t));
+        // A token issued under another prefix is still a token (the
+        // checksum covers its prefix), so changing the prefix locks no one
+        // out; a prefix swapped on an existing token fails the checksum.
+        assert!(TokenFormat::new("acme_").is_well_formed(&t));
+        assert!(!f.is_well_formed(&t.replacen("tg_", "acme_", 1)));
+        // Prefixes outside 1-16 of [A-Za-z0-9_] are not tokens.
+        let long = TokenFormat::new(&"p".repeat(17)).generate();
+        assert!(!f.is_well_formed(&long));
+        let dashed = TokenFormat::new("tg-").generate();
+        assert!(!f.is_well_formed(&dashed));
+        assert!(!f.is_well_formed(&t[3..]));
     }
 
     #[test]
