@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, StoreConfig};
 use crate::metrics::{Metrics, ResultLabels};
-use crate::proxy::forward::{ClientSet, UpstreamClient};
+use crate::proxy::pool::Upstreams;
 use crate::store::{embedded::EmbeddedStore, redis::RedisStore, Store, SyncStatus};
 use crate::table::TokenTable;
 use crate::telemetry::LogHandle;
@@ -29,8 +29,8 @@ pub struct Runtime {
     pub config: Config,
     /// One client per route, indexed by `Route::index`; routes without a
     /// `ca_file` share the default client and its connection pool.
-    clients: Vec<ClientSet>,
-    default_client: ClientSet,
+    clients: Vec<Upstreams>,
+    default_client: Upstreams,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub http: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
 }
@@ -52,16 +52,16 @@ impl Runtime {
             Some(p) if p.config.limits.upstream_connect_timeout == timeout => {
                 p.default_client.clone()
             }
-            _ => ClientSet::new(
+            _ => Upstreams::new(
                 timeout,
                 crate::tls::client_config(None).map_err(|e| problem("route".into(), e))?,
             ),
         };
-        let mut by_index: Vec<(usize, ClientSet)> = Vec::new();
+        let mut by_index: Vec<(usize, Upstreams)> = Vec::new();
         for r in config.routes.iter() {
             let client = match &r.ca_file {
                 None => default_client.clone(),
-                Some(ca) => ClientSet::new(
+                Some(ca) => Upstreams::new(
                     timeout,
                     crate::tls::client_config(Some(ca))
                         .map_err(|e| problem(format!("route[{}].ca_file", r.index), e))?,
@@ -89,9 +89,9 @@ impl Runtime {
         })
     }
 
-    /// The calling worker's client for a route's upstreams.
-    pub fn client_for(&self, route: &crate::proxy::route::Route) -> &UpstreamClient {
-        self.clients[route.index].get()
+    /// The client for a route's upstreams.
+    pub fn client_for(&self, route: &crate::proxy::route::Route) -> &Upstreams {
+        &self.clients[route.index]
     }
 }
 

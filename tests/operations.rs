@@ -1122,3 +1122,85 @@ async fn a_new_token_prefix_at_reload_names_new_tokens_and_locks_no_one_out() {
     }
     gw.stop().await;
 }
+
+/// An upstream that answers one request per connection with a keep-alive
+/// response, then closes the connection after `linger`; counts connections.
+async fn closing_upstream(
+    linger: Duration,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                tokio::time::sleep(linger).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let up = Upstream::start("crm").await;
+    let b = Backends {
+        crm: up,
+        messaging: Upstream::start("messaging").await,
+        marketing: Upstream::start("marketing").await,
+    };
+    let gw = TestGateway::start(&b, "").await;
+    let secret = setup_token(&gw).await;
+    let client = client_from("127.0.0.1");
+    for _ in 0..20 {
+        let r = client
+            .get(gw.url("/crm/v1/x"))
+            .bearer_auth(&secret)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    // Counted from the upstream's side: how many connections it accepted.
+    let conns: std::collections::HashSet<_> = b.crm.seen().iter().map(|s| s.conn).collect();
+    assert_eq!(
+        conns.len(),
+        1,
+        "20 sequential requests, one upstream connection"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_upstream_closing_an_idle_connection_fails_no_request() {
+    let (addr, accepted) = closing_upstream(Duration::from_millis(50)).await;
+    let b = Backends::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&b, &dir.path().join("t.db"), "")
+        .replace(&b.crm.url(), &format!("http://{addr}"));
+    let gw = TestGateway::start_text(dir, &text).await;
+    let secret = setup_token(&gw).await;
+    for _ in 0..5 {
+        let g = get("127.0.0.1", &gw.url("/crm/v1/x"), Some(&secret)).await;
+        assert_eq!(g.status, 200, "{}", g.text);
+        assert_eq!(g.text, "ok");
+        // Long enough for the upstream's close to arrive before the next.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 5);
+    gw.stop().await;
+}

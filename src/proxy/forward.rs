@@ -1,69 +1,17 @@
-//! Forwarding: the pooled upstream client and the header rewriting of
-//! requests on their way up and responses on their way down.
+//! Forwarding: the header rewriting of requests on their way up and
+//! responses on their way down (the upstream connections are in
+//! [`super::pool`]).
 
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 /// A request body going upstream: the client's, streamed, or empty (a
 /// bodyless request replayed on another upstream).
 pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
-
-/// The pooled HTTP(S) client for upstreams.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
-
-/// One pooled client per data-plane worker (see
-/// [`crate::proxy::listener`]): a worker only uses connections it opened,
-/// whose tasks run on its own thread, so a request never wakes another
-/// thread to reach its upstream. Cloning shares the pools.
-#[derive(Clone)]
-pub struct ClientSet(Arc<[UpstreamClient]>);
-
-impl ClientSet {
-    /// Clients for [`super::listener::workers`] workers. Connections are
-    /// kept alive and reused per upstream; `https://` upstreams are
-    /// verified against `tls`'s roots.
-    pub fn new(connect_timeout: Duration, tls: rustls::ClientConfig) -> ClientSet {
-        ClientSet(
-            (0..super::listener::workers())
-                .map(|_| client(connect_timeout, tls.clone()))
-                .collect(),
-        )
-    }
-
-    /// The calling worker's client (the first one off the worker threads).
-    #[inline]
-    pub fn get(&self) -> &UpstreamClient {
-        &self.0[super::listener::current_worker() % self.0.len()]
-    }
-}
-
-fn client(connect_timeout: Duration, tls: rustls::ClientConfig) -> UpstreamClient {
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_nodelay(true);
-    http.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .build(https)
-}
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");

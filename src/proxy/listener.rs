@@ -78,9 +78,10 @@ pub fn current_worker() -> usize {
 /// single-threaded tokio runtime and accepting from the same listening
 /// socket (a duplicated descriptor, so no `SO_REUSEPORT` and no chance of
 /// sharing the port with another process). A connection lives on the
-/// worker that accepted it, with its upstream connections (see
-/// [`super::forward::ClientSet`]): a request is served start to end on one
-/// thread, without cross-thread wake-ups or work-stealing queues. Measured
+/// worker that accepted it, and its requests use that worker's idle
+/// upstream connections (see [`super::pool`]): a request is served start to
+/// end by one task on one thread, without cross-thread wake-ups or
+/// work-stealing queues. Measured
 /// against one multi-threaded runtime on one core: 17 vs 19 µs of CPU per
 /// proxied request, +12 % throughput (`benches/e2e.sh`'s workload).
 pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, shutdown: CancellationToken) {

@@ -9,6 +9,7 @@
 pub mod client_ip;
 pub mod forward;
 pub mod listener;
+pub mod pool;
 pub mod route;
 pub mod service;
 

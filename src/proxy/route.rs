@@ -99,6 +99,8 @@ pub struct Upstream {
     pub authority: Authority,
     /// Path prepended to the forwarded path, without a trailing slash.
     pub base_path: Box<str>,
+    /// The `Host` header requests to it carry.
+    pub host: http::HeaderValue,
     /// Passive health: skipped until this time (`clock_ms`), 0 when healthy.
     ejected_until: AtomicU64,
 }
@@ -141,9 +143,12 @@ impl Upstream {
         if uri.query().is_some() {
             return Err(format!("{s:?} must not have a query"));
         }
+        let host = http::HeaderValue::from_str(authority.as_str())
+            .map_err(|_| format!("{s:?} has a host that cannot be a Host header"))?;
         Ok(Upstream {
             scheme,
             authority,
+            host,
             base_path: uri.path().trim_end_matches('/').into(),
             ejected_until: AtomicU64::new(0),
         })

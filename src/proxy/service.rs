@@ -24,6 +24,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::client_ip;
 use super::forward::{self, Identity};
+use super::pool::{PooledBody, SendError};
 use super::route::{normalize_path, Route, Upstream};
 use crate::auth::{decide, Deny, TokenHash};
 use crate::metrics::RequestLabels;
@@ -31,7 +32,7 @@ use crate::server::{Gateway, Runtime};
 use crate::table::{Grant, TokenTable};
 
 /// A response body: the upstream's, streamed, or one of ours.
-type Payload = Either<Incoming, Full<Bytes>>;
+type Payload = Either<PooledBody, Full<Bytes>>;
 
 /// The body the public listener sends. It carries the request's log record
 /// and writes it (metrics and access log) when dropped, which hyper does
@@ -359,7 +360,8 @@ fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
     (!token.is_empty()).then_some(token)
 }
 
-/// The upstream URI for a normalized path and the original query.
+/// The upstream request target (origin form: path and query) for a
+/// normalized path and the original query.
 fn upstream_uri(upstream: &Upstream, path: &str, query: Option<&str>) -> Option<Uri> {
     let mut pq = String::with_capacity(
         upstream.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
@@ -370,12 +372,7 @@ fn upstream_uri(upstream: &Upstream, path: &str, query: Option<&str>) -> Option<
         pq.push('?');
         pq.push_str(q);
     }
-    Uri::builder()
-        .scheme(upstream.scheme.clone())
-        .authority(upstream.authority.clone())
-        .path_and_query(pq)
-        .build()
-        .ok()
+    Uri::try_from(pq).ok()
 }
 
 /// Phases 2-4: rewrite, call the upstream, rewrite the response.
@@ -440,12 +437,15 @@ async fn forward_request(
     let deadline = tokio::time::Instant::now() + rt.config.limits.upstream_timeout;
     let mut replay = replay;
     let result = loop {
-        let attempt = tokio::time::timeout_at(deadline, client.request(upstream_req)).await;
+        upstream_req
+            .headers_mut()
+            .insert(header::HOST, upstream.host.clone());
+        let attempt = tokio::time::timeout_at(deadline, client.send(upstream, upstream_req)).await;
         match attempt {
-            Ok(Err(e)) if e.is_connect() => {
+            Ok(Err(SendError::Connect(e))) => {
                 upstream.eject();
                 count_upstream_error(gw, route, "connect");
-                tracing::warn!(route = route.label, upstream = %upstream.authority, error = %ErrorChain(&e), "upstream connect failed; ejected for 10s");
+                tracing::warn!(route = route.label, upstream = %upstream.authority, error = %ErrorChain(&*e), "upstream connect failed; ejected for 10s");
                 let next = route.alternative(upstream);
                 match (replay.take(), next) {
                     (Some((method, headers)), Some(next)) => {
@@ -462,12 +462,12 @@ async fn forward_request(
                     _ => break Err(ProxyError::UpstreamUnavailable),
                 }
             }
-            Ok(Err(e)) => {
+            Ok(Err(SendError::Request(e))) => {
                 count_upstream_error(gw, route, "protocol");
                 tracing::warn!(route = route.label, upstream = %upstream.authority, error = %ErrorChain(&e), "upstream request failed");
                 break Err(ProxyError::UpstreamUnavailable);
             }
-            Ok(Ok(resp)) => break Ok(resp),
+            Ok(Ok((resp, conn))) => break Ok((resp, conn, upstream)),
             Err(_) => {
                 upstream.eject();
                 count_upstream_error(gw, route, "timeout");
@@ -479,7 +479,7 @@ async fn forward_request(
     let upstream_s = sent.elapsed().as_secs_f64();
     gw.metrics.upstream_duration.observe(upstream_s);
     let upstream_ms = Some(upstream_s * 1000.0);
-    let resp = match result {
+    let (resp, upstream_conn, upstream) = match result {
         Ok(r) => r,
         Err(e) => return (Err(e), upstream_ms),
     };
@@ -487,6 +487,7 @@ async fn forward_request(
     // Phase 4: response_filter.
     let (mut parts, body) = resp.into_parts();
     forward::downstream_response_headers(&mut parts.headers, request_id);
+    let body = PooledBody::new(body, upstream_conn, client, upstream);
     (
         Ok(Response::from_parts(
             parts,

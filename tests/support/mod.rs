@@ -29,6 +29,8 @@ pub struct Seen {
     pub headers: http::HeaderMap,
     pub body_len: usize,
     pub version: http::Version,
+    /// Which of the upstream's connections it came on (1, 2, …).
+    pub conn: usize,
 }
 
 /// A real HTTP upstream that records what it receives and answers 200 with
@@ -51,10 +53,13 @@ impl Upstream {
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let seen2 = Arc::clone(&seen);
         tokio::spawn(async move {
+            let mut conns = 0;
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                conns += 1;
+                let conn = conns;
                 let seen = Arc::clone(&seen2);
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -77,6 +82,7 @@ impl Upstream {
                                 headers: parts.headers.clone(),
                                 body_len: len,
                                 version: parts.version,
+                                conn,
                             });
                             if !delay.is_zero() {
                                 tokio::time::sleep(delay).await;
