@@ -1047,27 +1047,14 @@ fn sample(metrics: &str, name: &str) -> f64 {
 async fn request_duration_covers_the_response_body_not_just_its_head() {
     // An upstream that sends its response head at once and the body 400 ms
     // later, the way a slow download or a long stream does.
-    let slow = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = slow.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = slow.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
-                    .await;
-                tokio::time::sleep(Duration::from_millis(400)).await;
-                let _ = s.write_all(b"hello").await;
-            });
-        }
-    });
+    let (addr, _) = raw_upstream(vec![
+        (
+            Duration::ZERO,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+        ),
+        (Duration::from_millis(400), b"hello"),
+    ])
+    .await;
     let b = Backends::start().await;
     let dir = tempfile::tempdir().unwrap();
     let text = config_text(&b, &dir.path().join("t.db"), "")
@@ -1123,18 +1110,21 @@ async fn a_new_token_prefix_at_reload_names_new_tokens_and_locks_no_one_out() {
     gw.stop().await;
 }
 
-/// An upstream that answers one request per connection with a keep-alive
-/// response, then closes the connection after `linger`; counts connections.
-async fn closing_upstream(
-    linger: Duration,
+/// A raw upstream for exchanges hyper would not produce: on each
+/// connection it reads one request head, writes `parts` (each after its
+/// delay), then closes the connection. Counts the connections it accepted.
+async fn raw_upstream(
+    parts: Vec<(Duration, &'static [u8])>,
 ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = Arc::clone(&accepted);
+    let parts = Arc::new(parts);
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let parts = Arc::clone(&parts);
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut buf = [0u8; 4096];
@@ -1144,10 +1134,12 @@ async fn closing_upstream(
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-                tokio::time::sleep(linger).await;
+                for (delay, bytes) in parts.iter() {
+                    tokio::time::sleep(*delay).await;
+                    if s.write_all(bytes).await.is_err() {
+                        return;
+                    }
+                }
             });
         }
     });
@@ -1187,7 +1179,15 @@ async fn upstream_connections_are_kept_alive_and_reused() {
 
 #[tokio::test]
 async fn an_upstream_closing_an_idle_connection_fails_no_request() {
-    let (addr, accepted) = closing_upstream(Duration::from_millis(50)).await;
+    // A keep-alive response, then the connection closed 50 ms later.
+    let (addr, accepted) = raw_upstream(vec![
+        (
+            Duration::ZERO,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ),
+        (Duration::from_millis(50), b""),
+    ])
+    .await;
     let b = Backends::start().await;
     let dir = tempfile::tempdir().unwrap();
     let text = config_text(&b, &dir.path().join("t.db"), "")
