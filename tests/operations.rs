@@ -1055,12 +1055,7 @@ async fn request_duration_covers_the_response_body_not_just_its_head() {
         (Duration::from_millis(400), b"hello"),
     ])
     .await;
-    let b = Backends::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let text = config_text(&b, &dir.path().join("t.db"), "")
-        .replace(&b.crm.url(), &format!("http://{addr}"));
-    let gw = TestGateway::start_text(dir, &text).await;
-    let secret = setup_token(&gw).await;
+    let (gw, secret) = gateway_to(addr).await;
     let g = get("127.0.0.1", &gw.url("/crm/slow-body"), Some(&secret)).await;
     assert_eq!(g.status, 200);
     assert_eq!(g.text, "hello");
@@ -1188,12 +1183,7 @@ async fn an_upstream_closing_an_idle_connection_fails_no_request() {
         (Duration::from_millis(50), b""),
     ])
     .await;
-    let b = Backends::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let text = config_text(&b, &dir.path().join("t.db"), "")
-        .replace(&b.crm.url(), &format!("http://{addr}"));
-    let gw = TestGateway::start_text(dir, &text).await;
-    let secret = setup_token(&gw).await;
+    let (gw, secret) = gateway_to(addr).await;
     for _ in 0..5 {
         let g = get("127.0.0.1", &gw.url("/crm/v1/x"), Some(&secret)).await;
         assert_eq!(g.status, 200, "{}", g.text);
@@ -1202,5 +1192,50 @@ async fn an_upstream_closing_an_idle_connection_fails_no_request() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 5);
+    gw.stop().await;
+}
+
+/// A gateway whose CRM route goes to `addr`, with a token for it.
+async fn gateway_to(addr: std::net::SocketAddr) -> (TestGateway, String) {
+    let b = Backends::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(&b, &dir.path().join("t.db"), "")
+        .replace(&b.crm.url(), &format!("http://{addr}"));
+    let gw = TestGateway::start_text(dir, &text).await;
+    let secret = setup_token(&gw).await;
+    (gw, secret)
+}
+
+#[tokio::test]
+async fn responses_that_close_their_connection_are_forwarded_whole() {
+    // `Connection: close` with a length, and a body delimited by the close.
+    for response in [
+        &b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nhello"[..],
+        &b"HTTP/1.1 200 OK\r\n\r\nhello"[..],
+    ] {
+        let (addr, accepted) = raw_upstream(vec![(Duration::ZERO, response)]).await;
+        let (gw, secret) = gateway_to(addr).await;
+        for _ in 0..3 {
+            let g = get("127.0.0.1", &gw.url("/crm/v1/x"), Some(&secret)).await;
+            assert_eq!(g.status, 200);
+            assert_eq!(g.text, "hello");
+        }
+        // Each answer ended its connection: none was reused.
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+        gw.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_answering_garbage_is_502_upstream_unavailable() {
+    let (addr, _) = raw_upstream(vec![(Duration::ZERO, b"SSH-2.0-OpenSSH\r\n\r\n")]).await;
+    let (gw, secret) = gateway_to(addr).await;
+    let g = get("127.0.0.1", &gw.url("/crm/v1/x"), Some(&secret)).await;
+    assert_error(&g, 502, "upstream_unavailable");
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains("tollgate_upstream_errors_total{route=\"/crm/\",kind=\"protocol\"} 1"),
+        "{metrics}"
+    );
     gw.stop().await;
 }
