@@ -476,12 +476,7 @@ async fn token_create_shows_the_secret_once_and_nothing_else_ever_does() {
     assert!(patched.get("token").is_none(), "{patched}");
     outputs.push(patched);
     outputs.push(gw.admin("GET", "/v1/audit?limit=100", None).await.1);
-    let metrics = reqwest::get(gw.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     outputs.push(Value::String(metrics));
     for out in outputs {
         let text = out.to_string();
@@ -1169,12 +1164,7 @@ async fn metrics_count_requests_by_route_outcome_and_status() {
     get("127.0.0.2", &gw.url("/crm/x"), Some(&secret)).await;
     get("127.0.0.1", &gw.url("/marketing/x"), Some(&secret)).await;
     get("127.0.0.1", &gw.url("/nowhere"), None).await;
-    let text = reqwest::get(gw.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics().await;
     assert_eq!(
         requests_total(&text, "/crm/", "forwarded", 200),
         Some(3.0),
@@ -1219,11 +1209,6 @@ async fn metrics_count_requests_by_route_outcome_and_status() {
 }
 
 /// The value of an unlabelled gauge in a Prometheus text page.
-fn gauge(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 #[tokio::test]
 async fn the_tokens_gauge_counts_active_tokens_only() {
     let (_b, gw) = gateway("").await;
@@ -1236,15 +1221,10 @@ async fn the_tokens_gauge_counts_active_tokens_only() {
         ids.push(v["id"].as_str().unwrap().to_string());
     }
     let scrape = || async {
-        let text = reqwest::get(gw.admin_url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = gw.metrics().await;
         (
-            gauge(&text, "tollgate_tokens"),
-            gauge(&text, "tollgate_tenants"),
+            metric_value(&text, "tollgate_tokens"),
+            metric_value(&text, "tollgate_tenants"),
         )
     };
     assert_eq!(scrape().await, (Some(4.0), Some(2.0)));

@@ -507,25 +507,15 @@ fn binary_config(b: &Backends, dir: &std::path::Path, extra: &str) -> std::path:
     path
 }
 
-/// Runs the binary with an upstream that answers after `delay`, sends one
-/// request, sends `signal` once the upstream has it, and returns the
-/// request's status (`None` if its connection broke) and the exit code.
-async fn signal_during_a_slow_request(
-    signal: &str,
-    delay: Duration,
-    extra: &str,
-) -> (Option<u16>, Option<i32>) {
-    let slow = Upstream::start_with_delay("crm", delay).await;
-    let b = Backends {
-        crm: slow,
-        messaging: Upstream::start("messaging").await,
-        marketing: Upstream::start("marketing").await,
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let config = binary_config(&b, dir.path(), extra);
-    let (mut child, _lines, listening) = spawn_binary(&config).await;
-    let admin: std::net::SocketAddr = listening["admin"].as_str().unwrap().parse().unwrap();
-    let public: std::net::SocketAddr = listening["public"].as_str().unwrap().parse().unwrap();
+/// The binary's listeners from its `listening` line, with tenant `acme`
+/// (crm) and a token for 127.0.0.1 created through its admin API:
+/// `(admin, public, secret, token_id)`.
+async fn binary_with_token(
+    listening: &serde_json::Value,
+) -> (std::net::SocketAddr, std::net::SocketAddr, String, String) {
+    let addr =
+        |k: &str| -> std::net::SocketAddr { listening[k].as_str().unwrap().parse().unwrap() };
+    let (admin, public) = (addr("admin"), addr("public"));
     let (s, _) = admin_call(
         admin,
         "POST",
@@ -545,6 +535,28 @@ async fn signal_during_a_slow_request(
     .await;
     assert_eq!(s, 201);
     let secret = v["token"].as_str().unwrap().to_string();
+    let token_id = v["id"].as_str().unwrap().to_string();
+    (admin, public, secret, token_id)
+}
+
+/// Runs the binary with an upstream that answers after `delay`, sends one
+/// request, sends `signal` once the upstream has it, and returns the
+/// request's status (`None` if its connection broke) and the exit code.
+async fn signal_during_a_slow_request(
+    signal: &str,
+    delay: Duration,
+    extra: &str,
+) -> (Option<u16>, Option<i32>) {
+    let slow = Upstream::start_with_delay("crm", delay).await;
+    let b = Backends {
+        crm: slow,
+        messaging: Upstream::start("messaging").await,
+        marketing: Upstream::start("marketing").await,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = binary_config(&b, dir.path(), extra);
+    let (mut child, _lines, listening) = spawn_binary(&config).await;
+    let (_, public, secret, _) = binary_with_token(&listening).await;
     let url = format!("http://{public}/crm/slow");
     let in_flight = tokio::spawn(async move {
         let resp = client_from("127.0.0.1")
@@ -608,26 +620,7 @@ async fn access_log_is_one_json_line_per_request_without_secrets() {
     let config = binary_config(&b, dir.path(), "");
     let (mut child, mut lines, listening) = spawn_binary(&config).await;
     assert!(listening["public"].is_string() && listening["admin"].is_string());
-    let admin: std::net::SocketAddr = listening["admin"].as_str().unwrap().parse().unwrap();
-    let public: std::net::SocketAddr = listening["public"].as_str().unwrap().parse().unwrap();
-    admin_call(
-        admin,
-        "POST",
-        "/v1/tenants",
-        Some(json!({"id": "acme", "products": ["crm"]})),
-        Some(ADMIN_KEY),
-    )
-    .await;
-    let (_, v) = admin_call(
-        admin,
-        "POST",
-        "/v1/tenants/acme/tokens",
-        Some(json!({"ip_allowlist": ["127.0.0.1"]})),
-        Some(ADMIN_KEY),
-    )
-    .await;
-    let secret = v["token"].as_str().unwrap().to_string();
-    let token_id = v["id"].as_str().unwrap().to_string();
+    let (_, public, secret, token_id) = binary_with_token(&listening).await;
     let g = get(
         "127.0.0.1",
         &format!("http://{public}/crm/v1/x?q=1"),
@@ -916,27 +909,7 @@ async fn sighup_applies_a_valid_file_and_refuses_an_invalid_one_naming_key_and_l
     let dir = tempfile::tempdir().unwrap();
     let config = binary_config(&b, dir.path(), "");
     let (child, mut lines, listening) = spawn_binary(&config).await;
-    let admin: std::net::SocketAddr = listening["admin"].as_str().unwrap().parse().unwrap();
-    let public: std::net::SocketAddr = listening["public"].as_str().unwrap().parse().unwrap();
-    let (s, _) = admin_call(
-        admin,
-        "POST",
-        "/v1/tenants",
-        Some(json!({"id": "acme", "products": ["crm"]})),
-        Some(ADMIN_KEY),
-    )
-    .await;
-    assert_eq!(s, 201);
-    let (s, v) = admin_call(
-        admin,
-        "POST",
-        "/v1/tenants/acme/tokens",
-        Some(json!({"ip_allowlist": ["127.0.0.1"]})),
-        Some(ADMIN_KEY),
-    )
-    .await;
-    assert_eq!(s, 201);
-    let secret = v["token"].as_str().unwrap().to_string();
+    let (admin, public, secret, _) = binary_with_token(&listening).await;
     let xff_get = |path: &str| {
         let url = format!("http://{public}{path}");
         let secret = secret.clone();
@@ -1032,15 +1005,9 @@ async fn sighup_applies_a_valid_file_and_refuses_an_invalid_one_naming_key_and_l
     drop(child);
 }
 
-/// The value of an unlabelled sample in Prometheus text.
+/// The value of an unlabelled sample; panics naming it when absent.
 fn sample(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("{name} missing from\n{metrics}"))
-        .trim()
-        .parse()
-        .unwrap()
+    metric_value(metrics, name).unwrap_or_else(|| panic!("{name} missing from\n{metrics}"))
 }
 
 #[tokio::test]

@@ -264,12 +264,7 @@ async fn paused_redis_keeps_the_data_plane_serving_and_refuses_admin_writes() {
     .await;
     let (s, v) = admin_call(bb.admin, "GET", "/readyz", None, None).await;
     assert_eq!(s, 200, "{v}");
-    let metrics = reqwest::get(bb.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = bb.metrics().await;
     assert!(metrics.contains("tollgate_store_connected 0"), "{metrics}");
     assert_eq!(status_of(&bb, "/crm/x", &secret).await, 200);
 
@@ -278,20 +273,10 @@ async fn paused_redis_keeps_the_data_plane_serving_and_refuses_admin_writes() {
         store_connected(&a).await && store_connected(&bb).await
     })
     .await;
-    let metrics = reqwest::get(bb.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = bb.metrics().await;
     assert!(metrics.contains("tollgate_store_connected 1"), "{metrics}");
-    let age: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("tollgate_store_last_sync_age_seconds "))
-        .expect("tollgate_store_last_sync_age_seconds")
-        .trim()
-        .parse()
-        .unwrap();
+    let age = metric_value(&metrics, "tollgate_store_last_sync_age_seconds")
+        .expect("tollgate_store_last_sync_age_seconds");
     assert!(age >= 0.0, "a connected store has synced: {metrics}");
     // Writes work again and propagate.
     bb.tenant("after", &["crm"], 1).await;

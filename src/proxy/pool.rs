@@ -98,9 +98,29 @@ impl Conn {
     }
 }
 
-struct Idle {
+/// Where an idle connection belongs: its client's settings and upstream.
+struct PoolKey {
+    /// The owning [`Upstreams`]' id; dead once every clone of it is gone.
     owner: Weak<()>,
-    upstream: (http::uri::Scheme, http::uri::Authority),
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+}
+
+impl PoolKey {
+    fn is(
+        &self,
+        owner: *const (),
+        scheme: &http::uri::Scheme,
+        authority: &http::uri::Authority,
+    ) -> bool {
+        std::ptr::eq(self.owner.as_ptr(), owner)
+            && self.authority == *authority
+            && self.scheme == *scheme
+    }
+}
+
+struct Idle {
+    key: PoolKey,
     conns: Vec<(Conn, Instant)>,
 }
 
@@ -194,7 +214,10 @@ impl Upstreams {
     async fn take_idle(&self, upstream: &Upstream) -> Option<Conn> {
         loop {
             let (mut conn, since) = IDLE.with_borrow_mut(|idle| {
-                let i = idle.iter().position(|e| self.is(e, upstream))?;
+                let owner = Arc::as_ptr(&self.id);
+                let i = idle
+                    .iter()
+                    .position(|e| e.key.is(owner, &upstream.scheme, &upstream.authority))?;
                 idle[i].conns.pop()
             })?;
             if since.elapsed() > IDLE_FOR {
@@ -207,51 +230,41 @@ impl Upstreams {
             }
         }
     }
+}
 
-    fn is(&self, e: &Idle, upstream: &Upstream) -> bool {
-        std::ptr::eq(e.owner.as_ptr(), Arc::as_ptr(&self.id))
-            && e.upstream.1 == upstream.authority
-            && e.upstream.0 == upstream.scheme
+/// Puts a connection whose exchange is complete back in this thread's pool
+/// (dropping it, and closing it, when it cannot be reused).
+fn release(key: PoolKey, mut conn: Conn) {
+    // Lets the connection reach its idle state (and see a close).
+    if !conn.poll_alive(&mut Context::from_waker(Waker::noop())) || !conn.send.is_ready() {
+        return;
     }
-
-    /// Puts a connection whose exchange is complete back in this thread's
-    /// pool (dropping it, and closing it, when it cannot be reused).
-    fn release(&self, upstream: (http::uri::Scheme, http::uri::Authority), mut conn: Conn) {
-        // Lets the connection reach its idle state (and see a close).
-        if !conn.poll_alive(&mut Context::from_waker(Waker::noop())) || !conn.send.is_ready() {
-            return;
-        }
-        IDLE.with_borrow_mut(|idle| {
-            idle.retain(|e| e.owner.strong_count() > 0);
-            let i = match idle.iter().position(|e| {
-                std::ptr::eq(e.owner.as_ptr(), Arc::as_ptr(&self.id)) && e.upstream == upstream
-            }) {
-                Some(i) => i,
-                None => {
-                    idle.push(Idle {
-                        owner: Arc::downgrade(&self.id),
-                        upstream,
-                        conns: Vec::new(),
-                    });
-                    idle.len() - 1
-                }
-            };
-            let conns = &mut idle[i].conns;
-            if conns.len() < MAX_IDLE {
-                conns.push((conn, Instant::now()));
-            }
+    IDLE.with_borrow_mut(|idle| {
+        idle.retain(|e| e.key.owner.strong_count() > 0);
+        let found = idle
+            .iter()
+            .position(|e| e.key.is(key.owner.as_ptr(), &key.scheme, &key.authority));
+        let i = found.unwrap_or_else(|| {
+            idle.push(Idle {
+                key,
+                conns: Vec::new(),
+            });
+            idle.len() - 1
         });
-    }
+        let conns = &mut idle[i].conns;
+        if conns.len() < MAX_IDLE {
+            conns.push((conn, Instant::now()));
+        }
+    });
 }
 
 /// A response body read from an upstream connection that this body drives;
 /// the connection returns to the pool once the body has been read to its end.
 pub struct PooledBody {
     body: Incoming,
-    /// `None` once the connection has ended (or was never reusable).
-    conn: Option<Conn>,
-    /// Where the connection goes back to.
-    home: Option<(Upstreams, http::uri::Scheme, http::uri::Authority)>,
+    /// The connection and where it goes back to; `None` once it has ended
+    /// (or when it was never reusable).
+    conn: Option<(Conn, PoolKey)>,
     done: bool,
 }
 
@@ -262,14 +275,17 @@ impl PooledBody {
         client: &Upstreams,
         upstream: &Upstream,
     ) -> PooledBody {
+        let conn = conn.map(|c| {
+            let key = PoolKey {
+                owner: Arc::downgrade(&client.id),
+                scheme: upstream.scheme.clone(),
+                authority: upstream.authority.clone(),
+            };
+            (c, key)
+        });
         PooledBody {
             body,
             conn,
-            home: Some((
-                client.clone(),
-                upstream.scheme.clone(),
-                upstream.authority.clone(),
-            )),
             done: false,
         }
     }
@@ -285,7 +301,7 @@ impl Body for PooledBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         // Drive the connection: it reads the body into `body`'s channel.
-        if let Some(c) = this.conn.as_mut() {
+        if let Some((c, _)) = this.conn.as_mut() {
             if !c.poll_alive(cx) {
                 this.conn = None;
             }
@@ -308,10 +324,10 @@ impl Body for PooledBody {
 
 impl Drop for PooledBody {
     fn drop(&mut self) {
-        if let (true, Some(conn), Some((client, scheme, authority))) =
-            (self.is_end_stream(), self.conn.take(), self.home.take())
-        {
-            client.release((scheme, authority), conn);
+        if self.is_end_stream() {
+            if let Some((conn, key)) = self.conn.take() {
+                release(key, conn);
+            }
         }
     }
 }

@@ -346,6 +346,12 @@ pub async fn send(rb: reqwest::RequestBuilder) -> Got {
     }
 }
 
+/// The value of an unlabelled sample (`name value`) in Prometheus text.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// Asserts a contract error answer: status, `error.code`, JSON content type.
 pub fn assert_error(g: &Got, status: u16, code: &str) {
     assert_eq!(g.status, status, "body: {}", g.text);
