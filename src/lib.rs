@@ -13,7 +13,7 @@
 //! - [`store`]: the [`store::Store`] trait with the embedded (redb) and Redis
 //!   implementations, and the change feed that keeps the table in sync.
 //! - [`proxy`]: the data plane: listener, request phases, routing, client IP,
-//!   forwarding.
+//!   forwarding, the upstream connection pool.
 //! - [`admin`]: the admin listener (tenants, tokens, audit, health, metrics).
 //! - [`server`]: wires everything together for `tollgate run`.
 //! - [`demo`], [`client`]: the `demo` command and the admin client commands.

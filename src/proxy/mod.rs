@@ -2,7 +2,8 @@
 //!
 //! Phases, in order (see [`service`]): `request_filter` (path, route, token,
 //! client IP, decision), `upstream_request_filter` (header rewriting, in
-//! [`forward`]), the upstream call, `response_filter`, and `logging`.
+//! [`forward`]), the upstream call (on a kept-alive connection from
+//! [`pool`]), `response_filter`, and `logging`.
 //! The data plane reads the token table and a config snapshot; it never
 //! awaits the store.
 
