@@ -126,7 +126,7 @@ impl Config {
     }
 
     /// Parses and validates the text of a config file. Every problem is
-    /// reported, not only the first (see [`every_problem`]).
+    /// reported, not only the first (see `every_problem`).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         match serde_path_to_error::deserialize(toml::Deserializer::new(text)) {
             Ok(raw) => Config::from_raw(raw, text),

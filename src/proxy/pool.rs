@@ -4,7 +4,7 @@
 //!
 //! hyper-util's pooled client runs every upstream connection as a task of
 //! its own and hands each request to it through a channel, behind a pool
-//! with a `Mutex`. Here a connection's [`Connection`] future is polled by
+//! with a `Mutex`. Here a connection's [`Connection`](hyper::client::conn::http1::Connection) future is polled by
 //! the request's own task: while the request is sent and its response head
 //! awaited ([`Upstreams::send`]), then while the response body is read
 //! ([`PooledBody`]). A proxied request is therefore one task on one thread,
