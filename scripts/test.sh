@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, with its own set-up: installs what the tests need
-# (redis-server, Python YAML for deploy checks) when missing, then runs
+# (redis-server; Python YAML, systemd-analyze and kubectl for the deploy
+# checks) when missing, then runs
 # formatting, lints, every test, and the deploy/ checks.
 # Usage: scripts/test.sh   (CI: .ci/run calls exactly this)
 set -euo pipefail
@@ -14,6 +15,9 @@ missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 python3 -c 'import yaml' 2>/dev/null || missing+=(python3-yaml)
 command -v curl >/dev/null || missing+=(curl)
+# deploy/check.sh: the systemd unit and the Kubernetes manifests.
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v kubectl >/dev/null || missing+=(kubernetes-client)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "==> installing ${missing[*]}"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
